@@ -1,0 +1,383 @@
+"""The engine: step-level continuous batching of DiffusionGemma block diffusion.
+
+Every call to `step()` does, in this order: drop cancelled rows, admit new requests (encode their
+prompts), encode canvases committed at the previous step, run ONE batched decoder forward over every
+active row, sample, and return the events of that step (one `StepEvent` per row, plus `CanvasEvent`,
+`DoneEvent` for rows that committed or finished). Rows join and leave between steps; each row follows
+its own temperature schedule, parameters, canvas count and random generator.
+
+No I/O here: the runner around the engine talks to Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from worker import sampler
+from worker.kvcache import KVPool
+from worker.types import (
+    CanvasEvent,
+    DoneEvent,
+    EngineEvent,
+    EngineRequest,
+    ErrorEvent,
+    StepEvent,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 8  # rows decoded together (also the KV pool's slot count)
+    max_context: int = 2048  # prompt + generated tokens per request
+    sample_chunk_rows: int = 4  # rows whose full-vocabulary logits are alive at once
+
+
+@dataclass
+class _Row:
+    req: EngineRequest
+    slot: int
+    generator: torch.Generator
+    canvas: torch.Tensor  # (L,) current noisy canvas
+    prev_draft: torch.Tensor  # (L,) previous step's argmax draft (-1 before the first step)
+    soft: torch.Tensor | None  # (L, H) self-conditioning signal from the previous step, model dtype
+    fixed: torch.Tensor | None  # (L,) bool template mask (first canvas only)
+    fixed_ids: torch.Tensor | None  # (L,) template ids
+    run: int = 0  # consecutive unchanged drafts
+    canvas_index: int = 0
+    step_in_canvas: int = 0
+    total_steps: int = 0
+    tokens: list[int] = field(default_factory=list)
+    needs_encode: list[int] | None = None  # committed canvas waiting to be encoded
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.model_config = model.config
+        self.text_config = model.config.get_text_config(decoder=True)
+        self.canvas_length: int = model.config.canvas_length
+        self.vocab_size: int = self.text_config.vocab_size
+        self.device = next(model.parameters()).device
+        self.dtype = model.model.decoder.embed_tokens.weight.dtype
+        self.pool = KVPool(self.text_config, self.config.max_batch, self.config.max_context, self.device, self.dtype)
+        self.rows: list[_Row] = []  # rows[i].slot == i
+        self.pending: list[EngineRequest] = []
+        self.cancelled: set[str] = set()
+        self._eager = model.config._attn_implementation == "eager"
+        self.steps_run = 0
+
+    # ----------------------------------------------------------------- control
+    @property
+    def free_slots(self) -> int:
+        return self.config.max_batch - len(self.rows) - len(self.pending)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def request_ids(self) -> list[str]:
+        return [r.req.request_id for r in self.rows] + [p.request_id for p in self.pending]
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue a request; it joins the batch at the next step."""
+        self.pending.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        """Mark a request; it leaves the batch at the next step."""
+        self.cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self.rows or self.pending)
+
+    def max_new_tokens_limit(self, prompt_tokens: int) -> int:
+        return self.config.max_context - prompt_tokens
+
+    # ------------------------------------------------------------------- step
+    @torch.inference_mode()
+    def step(self) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        self._drop_cancelled(events)
+        self._admit(events)
+        self._encode_committed(events)
+        if not self.rows:
+            return events
+        try:
+            events.extend(self._denoise())
+        except Exception as exc:  # fail the batch, not the process
+            log.exception("denoising step failed; failing %d rows", len(self.rows))
+            for row in list(self.rows):
+                events.append(ErrorEvent(row.req.request_id, "engine_error", f"denoising step failed: {exc}"))
+                self._release(row)
+        self.steps_run += 1
+        return events
+
+    # -------------------------------------------------------- admission, exit
+    def _drop_cancelled(self, events: list[EngineEvent]) -> None:
+        if not self.cancelled:
+            return
+        for req in [p for p in self.pending if p.request_id in self.cancelled]:
+            self.pending.remove(req)
+            events.append(ErrorEvent(req.request_id, "cancelled", "request cancelled"))
+        for row in [r for r in self.rows if r.req.request_id in self.cancelled]:
+            events.append(ErrorEvent(row.req.request_id, "cancelled", "request cancelled"))
+            self._release(row)
+        self.cancelled.clear()
+
+    def _admit(self, events: list[EngineEvent]) -> None:
+        while self.pending and len(self.rows) < self.config.max_batch:
+            req = self.pending.pop(0)
+            needed = len(req.prompt_ids) + self._canvases_for(req) * self.canvas_length
+            if not req.prompt_ids or needed > self.config.max_context:
+                events.append(ErrorEvent(
+                    req.request_id, "too_long",
+                    f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens rounded up to whole canvases "
+                    f"({needed} tokens) exceeds max_context {self.config.max_context}",
+                ))
+                continue
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(req.params.seed)
+            row = _Row(
+                req=req, slot=len(self.rows), generator=generator,
+                canvas=torch.empty(0), prev_draft=torch.empty(0), soft=None, fixed=None, fixed_ids=None,
+            )
+            if req.template:
+                row.fixed, row.fixed_ids = self._template_tensors(req.template)
+            self.rows.append(row)
+            try:
+                self._encode(row, req.prompt_ids)
+            except Exception as exc:
+                log.exception("prompt encoding failed for %s", req.request_id)
+                events.append(ErrorEvent(req.request_id, "engine_error", f"prompt encoding failed: {exc}"))
+                self._release(row)
+
+    def _encode_committed(self, events: list[EngineEvent]) -> None:
+        for row in [r for r in self.rows if r.needs_encode is not None]:
+            ids, row.needs_encode = row.needs_encode, None
+            try:
+                self._encode(row, ids)
+            except Exception as exc:
+                log.exception("canvas encoding failed for %s", row.req.request_id)
+                events.append(ErrorEvent(row.req.request_id, "engine_error", f"canvas encoding failed: {exc}"))
+                self._release(row)
+
+    def _release(self, row: _Row) -> None:
+        """Remove a row, keeping active slots contiguous (the last row moves into the hole)."""
+        slot = row.slot
+        last = self.rows[-1]
+        self.rows.pop()
+        if last is not row:
+            self.pool.move(last.slot, slot)
+            last.slot = slot
+            self.rows[slot] = last
+        self.pool.release(len(self.rows))
+
+    def _canvases_for(self, req: EngineRequest) -> int:
+        return math.ceil(req.params.max_new_tokens / self.canvas_length)
+
+    def _template_tensors(self, template: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        fixed = torch.zeros(self.canvas_length, dtype=torch.bool)
+        ids = torch.zeros(self.canvas_length, dtype=torch.long)
+        for pos, tok in template.items():
+            fixed[pos] = True
+            ids[pos] = tok
+        return fixed.to(self.device), ids.to(self.device)
+
+    # ---------------------------------------------------------------- encoder
+    def _encode(self, row: _Row, ids: list[int]) -> None:
+        """Run the encoder over `ids` after what the row's slot holds, then start a fresh canvas."""
+        past = self.pool.total[row.slot]
+        cache = self.pool.encoder_cache(row.slot)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        attention_mask = torch.ones((1, past + len(ids)), dtype=torch.bool, device=self.device)
+        position_ids = torch.arange(past, past + len(ids), dtype=torch.int32, device=self.device)[None]
+        encoder = self.model.model.encoder
+        masks = encoder.create_masks_for_generate(
+            config=self.model_config,
+            inputs_embeds=torch.empty((1, len(ids), 0), dtype=self.dtype, device=self.device),
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        encoder(input_ids=input_ids, attention_mask=masks, cache=cache, position_ids=position_ids)
+        self.pool.store(row.slot, cache, past + len(ids))
+        self._new_canvas(row)
+
+    def _new_canvas(self, row: _Row) -> None:
+        L = self.canvas_length
+        canvas = torch.randint(0, self.vocab_size, (1, L), generator=row.generator, device=self.device)[0]
+        if row.fixed is not None and row.canvas_index == 0:
+            canvas = sampler.clamp_template(canvas, row.fixed, row.fixed_ids)
+        row.canvas = canvas
+        row.prev_draft = torch.full((L,), -1, dtype=torch.long, device=self.device)
+        row.soft = None
+        row.run = 0
+        row.step_in_canvas = 0
+
+    # ---------------------------------------------------------------- decoder
+    def _decoder_hidden(self, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """One batched decoder forward. canvas (B, L), soft (B, L, H) -> hidden (B, L, H)."""
+        n, L = canvas.shape
+        dec = self.model.model.decoder
+        cache, key_masks = self.pool.decoder_view(n)
+        totals = torch.tensor([self.pool.total[r.slot] for r in self.rows], device=self.device)
+        positions = totals[:, None] + torch.arange(L, device=self.device)[None, :]  # (B, L)
+        hidden = dec.self_conditioning(dec.embed_tokens(canvas), soft)
+        rope = {t: dec.rotary_emb(hidden, positions, t) for t in dec.unique_layer_types}
+        masks = {t: self._attention_mask(m, n, L) for t, m in key_masks.items()}
+        for i, layer in enumerate(dec.layers[: self.text_config.num_hidden_layers]):
+            kind = self.text_config.layer_types[i]
+            hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
+                           position_ids=positions, cache=cache)
+        return dec.norm(hidden)
+
+    def _attention_mask(self, key_mask: torch.Tensor | None, n: int, L: int) -> torch.Tensor | None:
+        """(B, 1, 1, kv) cache mask -> (B, 1, L, kv + L) with the canvas always visible."""
+        if key_mask is None:
+            return None
+        canvas = torch.ones((n, 1, 1, L), dtype=torch.bool, device=self.device)
+        mask = torch.cat([key_mask, canvas], dim=-1).expand(n, 1, L, key_mask.shape[-1] + L)
+        if self._eager:
+            return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min)
+        return mask
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Soft-capped float32 logits, computed in place after the head. (b, L, H) -> (b, L, V)."""
+        cap = self.model.final_logit_softcapping
+        logits = self.model.lm_head(hidden).float()
+        if cap is not None:
+            logits.div_(cap).tanh_().mul_(cap)
+        return logits
+
+    def _soft_embedding(self, scaled_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The next step's self-conditioning signal, as the reference decoder computes it from its logits."""
+        embed = self.model.model.decoder.embed_tokens
+        if self.dtype == torch.float32:
+            weights = probs  # softmax of the same float32 logits: identical
+        else:
+            weights = torch.softmax(scaled_logits.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
+        return torch.matmul(weights, embed.weight) * embed.embed_scale.to(self.dtype)
+
+    def _denoise(self) -> list[EngineEvent]:
+        rows = self.rows
+        n, L = len(rows), self.canvas_length
+        hidden_size = self.text_config.hidden_size
+        canvas = torch.stack([r.canvas for r in rows])  # (B, L)
+        soft = torch.stack([
+            r.soft if r.soft is not None else torch.zeros((L, hidden_size), dtype=self.dtype, device=self.device)
+            for r in rows
+        ])  # (B, L, H)
+        hidden = self._decoder_hidden(canvas, soft)
+
+        params = [r.req.params for r in rows]
+        f32 = dict(dtype=torch.float32, device=self.device)
+        steps_done = torch.tensor([r.step_in_canvas for r in rows], device=self.device)
+        num_steps = torch.tensor([p.max_denoising_steps for p in params], device=self.device)
+        temp = sampler.temperature(steps_done, num_steps, torch.tensor([p.t_min for p in params], **f32),
+                                   torch.tensor([p.t_max for p in params], **f32))
+        generators = [r.generator for r in rows]
+
+        sampled = torch.empty((n, L), dtype=torch.long, device=self.device)
+        draft = torch.empty((n, L), dtype=torch.long, device=self.device)
+        entropy = torch.empty((n, L), dtype=torch.float32, device=self.device)
+        next_soft = torch.empty((n, L, hidden_size), dtype=self.dtype, device=self.device)
+        chunk = max(1, self.config.sample_chunk_rows)
+        for a in range(0, n, chunk):  # at most `chunk` rows of full-vocabulary logits alive at once
+            b = min(n, a + chunk)
+            logits = self._logits(hidden[a:b])  # (b, L, V)
+            logits.div_(temp[a:b, None, None])
+            probs = torch.softmax(logits, dim=-1)
+            sampled[a:b] = sampler.sample_rows(probs, generators[a:b])
+            draft[a:b] = logits.argmax(dim=-1)
+            entropy[a:b] = sampler.token_entropy(logits, probs)
+            next_soft[a:b] = self._soft_embedding(logits, probs)
+            del logits, probs
+
+        fixed, fixed_ids = self._batch_template(rows)
+        if fixed is not None:
+            draft = sampler.clamp_template(draft, fixed, fixed_ids)
+            sampled = sampler.clamp_template(sampled, fixed, fixed_ids)
+            entropy = entropy.masked_fill(fixed, 0.0)
+        bound = torch.tensor([p.entropy_bound for p in params], **f32)
+        accepted = sampler.entropy_bound_accept(entropy, bound)
+        if fixed is not None:
+            accepted |= fixed
+        new_canvas = sampler.renoise(torch.where(accepted, sampled, canvas), accepted, self.vocab_size, generators)
+        if fixed is not None:
+            new_canvas = sampler.clamp_template(new_canvas, fixed, fixed_ids)
+        free = (~fixed).float() if fixed is not None else torch.ones_like(entropy)
+        mean_entropy = (entropy * free).sum(-1) / free.sum(-1).clamp_min(1.0)
+        run = sampler.stable_run(draft, torch.stack([r.prev_draft for r in rows]),
+                                 torch.tensor([r.run for r in rows], device=self.device))
+        stop = sampler.should_stop(
+            run, mean_entropy,
+            torch.tensor([p.stability_threshold for p in params], device=self.device),
+            torch.tensor([p.confidence_threshold for p in params], **f32),
+        )
+
+        # one transfer of what the events need
+        draft_cpu = draft.cpu().tolist()
+        accepted_cpu = accepted.sum(-1).cpu().tolist()
+        entropy_cpu = mean_entropy.cpu().tolist()
+        run_cpu = run.cpu().tolist()
+        stop_cpu = stop.cpu().tolist()
+
+        events: list[EngineEvent] = []
+        finished: list[_Row] = []
+        for i, row in enumerate(rows):
+            row.step_in_canvas += 1
+            row.total_steps += 1
+            row.run = run_cpu[i]
+            row.canvas = new_canvas[i]
+            row.prev_draft = draft[i]
+            row.soft = next_soft[i]
+            events.append(StepEvent(row.req.request_id, row.canvas_index, row.step_in_canvas, draft_cpu[i],
+                                    int(accepted_cpu[i]), float(entropy_cpu[i])))
+            if stop_cpu[i] or row.step_in_canvas >= row.req.params.max_denoising_steps:
+                if self._commit(row, draft_cpu[i], events):
+                    finished.append(row)
+        for row in finished:
+            self._release(row)
+        return events
+
+    def _batch_template(self, rows: Iterable[_Row]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        rows = list(rows)
+        if all(r.fixed is None or r.canvas_index > 0 for r in rows):
+            return None, None
+        L = self.canvas_length
+        fixed = torch.stack([
+            r.fixed if r.fixed is not None and r.canvas_index == 0
+            else torch.zeros(L, dtype=torch.bool, device=self.device) for r in rows])
+        ids = torch.stack([
+            r.fixed_ids if r.fixed_ids is not None and r.canvas_index == 0
+            else torch.zeros(L, dtype=torch.long, device=self.device) for r in rows])
+        return fixed, ids
+
+    def _commit(self, row: _Row, draft: list[int], events: list[EngineEvent]) -> bool:
+        """Commit the draft as the row's next canvas. Returns True when the request is finished."""
+        params = row.req.params
+        eos = set(params.eos_token_ids)
+        cut = next((j for j, t in enumerate(draft) if t in eos), None)
+        budget = params.max_new_tokens - len(row.tokens)
+        kept = draft[: cut if cut is not None else len(draft)][:budget]
+        row.tokens.extend(kept)
+        events.append(CanvasEvent(row.req.request_id, row.canvas_index, kept, row.step_in_canvas))
+        row.canvas_index += 1
+        if cut is not None and cut <= budget:
+            reason = "stop"
+        elif len(row.tokens) >= params.max_new_tokens:
+            reason = "length"
+        else:
+            row.needs_encode = draft  # the reference encodes the whole argmax canvas
+            return False
+        events.append(DoneEvent(row.req.request_id, list(row.tokens), reason, len(row.req.prompt_ids),
+                                row.canvas_index, row.total_steps))
+        return True

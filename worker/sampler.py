@@ -1,0 +1,98 @@
+"""The DiffusionGemma sampler as pure tensor functions.
+
+Semantics are those of transformers' `generation_diffusion_gemma.py` (the reference): a linear
+temperature schedule, multinomial sampling of every position, entropy-bound acceptance, uniform
+renoising of the rest, and the stable-and-confident adaptive stop. Everything is batched over rows
+with per-row parameters, so rows at different steps, with different settings, share one call.
+
+No I/O, no `.item()`, no tokenizer: token ids and parameters come in as tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def temperature(steps_done: torch.Tensor, num_steps: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor):
+    """Per-row temperature of the reference schedule.
+
+    The reference counts `cur_step` down from N to 1, so the k-th step (0-based) runs at
+    t_min + (t_max - t_min) * (N - k) / N: t_max first, never quite t_min.
+    """  # all (B,)
+    remaining = (num_steps - steps_done).to(t_min.dtype)
+    return t_min + (t_max - t_min) * (remaining / num_steps.to(t_min.dtype))
+
+
+def token_entropy(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) given its `probs`, without another vocabulary-sized temporary.
+
+    H = logsumexp(x) - sum_v p_v x_v.  # (..., V) -> (...)
+    """
+    return torch.logsumexp(logits, dim=-1) - torch.linalg.vecdot(probs, logits)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Accept the k lowest-entropy positions with sum(H_1..k) - max(H_1..k) <= bound.
+
+    entropy (B, L), bound (B,) -> accepted mask (B, L). At least one position is always accepted.
+    """
+    sorted_entropy, order = torch.sort(entropy, dim=-1)
+    cumulative = torch.cumsum(sorted_entropy, dim=-1)
+    selected = (cumulative - sorted_entropy) <= bound[:, None]
+    return torch.zeros_like(selected).scatter(-1, order, selected)
+
+
+def sample_rows(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One multinomial draw per position, each row from its own generator. probs (B, L, V) -> (B, L)."""
+    rows = [
+        torch.multinomial(probs[i], num_samples=1, generator=g).squeeze(-1)
+        for i, g in enumerate(generators)
+    ]
+    return torch.stack(rows)
+
+
+def uniform_tokens(
+    shape_per_row: tuple[int, ...], vocab_size: int, generators: Sequence[torch.Generator | None], device
+) -> torch.Tensor:
+    """Uniform random tokens, each row from its own generator. -> (B, *shape_per_row)."""
+    rows = [
+        torch.randint(0, vocab_size, (1, *shape_per_row), generator=g, device=device)[0] for g in generators
+    ]
+    return torch.stack(rows)
+
+
+def clamp_template(canvas: torch.Tensor, fixed: torch.Tensor | None, fixed_ids: torch.Tensor | None):
+    """Force template positions (fixed mask True) to their template ids."""
+    if fixed is None:
+        return canvas
+    return torch.where(fixed, fixed_ids, canvas)
+
+
+def renoise(
+    accepted_canvas: torch.Tensor,
+    accepted: torch.Tensor,
+    vocab_size: int,
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Replace every position not accepted by a fresh uniform token (the reference's renoise_canvas)."""
+    noise = uniform_tokens(tuple(accepted_canvas.shape[1:]), vocab_size, generators, accepted_canvas.device)
+    return torch.where(accepted, accepted_canvas, noise)
+
+
+def stable_run(draft: torch.Tensor, previous_draft: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """Consecutive previous drafts equal to the current one. (B, L), (B, L), (B,) -> (B,).
+
+    The reference keeps the last `k` drafts and calls a canvas stable when all equal the current one;
+    that is exactly `run >= k`.
+    """
+    same = (draft == previous_draft).all(dim=-1)
+    return torch.where(same, run + 1, torch.zeros_like(run))
+
+
+def should_stop(
+    run: torch.Tensor, mean_entropy: torch.Tensor, stability_threshold: torch.Tensor, confidence: torch.Tensor
+) -> torch.Tensor:
+    """The stable-and-confident adaptive stop. All (B,) -> (B,) bool."""
+    return (run >= stability_threshold) & (mean_entropy < confidence)

@@ -1,0 +1,69 @@
+"""What goes into and comes out of the engine: plain data, no tensors, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    max_denoising_steps: int
+    entropy_bound: float
+    t_min: float
+    t_max: float
+    stability_threshold: int
+    confidence_threshold: float
+    seed: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    # canvas template: position -> token id, clamped at every step and never renoised
+    template: dict[int, int] | None = None
+
+
+@dataclass
+class StepEvent:
+    request_id: str
+    canvas: int  # index of the canvas within the request, from 0
+    step: int  # denoising step within the canvas, from 1
+    draft_ids: list[int]  # argmax draft of the whole canvas
+    accepted: int  # positions accepted (not renoised) at this step
+    mean_entropy: float
+    type: str = field(default="step", init=False)
+
+
+@dataclass
+class CanvasEvent:
+    request_id: str
+    canvas: int
+    token_ids: list[int]  # the committed canvas, cut at the first EOS / max_new_tokens
+    steps: int
+    type: str = field(default="canvas", init=False)
+
+
+@dataclass
+class DoneEvent:
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS), "length" (max_new_tokens)
+    prompt_tokens: int
+    canvases: int
+    denoising_steps: int
+    type: str = field(default="done", init=False)
+
+
+@dataclass
+class ErrorEvent:
+    request_id: str
+    code: str  # "cancelled", "engine_error", "too_long"
+    message: str
+    type: str = field(default="error", init=False)
+
+
+EngineEvent = StepEvent | CanvasEvent | DoneEvent | ErrorEvent
