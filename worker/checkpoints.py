@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     DiffusionGemmaConfig,
     DiffusionGemmaForBlockDiffusion,
@@ -80,6 +80,9 @@ def char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
 
 
 def wrap_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    # like Gemma's: a plain encode starts with <bos>; chat templates write their own
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS_ID)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

@@ -1,0 +1,5 @@
+import sys
+
+from dgserve.cli import main
+
+sys.exit(main())

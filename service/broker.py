@@ -1,0 +1,132 @@
+"""The gateway's side of the Redis contract: submit jobs, follow a request's events, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+from redis import exceptions as redis_exc
+
+from dgserve import contract
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis_exc.ConnectionError, redis_exc.TimeoutError, OSError)
+
+
+class Overloaded(Exception):
+    def __init__(self, depth: int, limit: int):
+        super().__init__(f"queue depth {depth} reached the limit {limit}")
+        self.depth, self.limit = depth, limit
+
+
+class Broker:
+    def __init__(self, redis_url: str, max_connections: int = 4096):
+        self.redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10,
+                                             health_check_interval=10)
+        # blocking XREADs hold a connection each, so they get their own, larger pool
+        self.blocking = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=None,
+                                                max_connections=max_connections)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        await self.blocking.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except REDIS_DOWN:
+            return False
+
+    async def queue_depth(self, model: str) -> int:
+        """Requests of `model` not yet taken by a worker (the consumer group's lag)."""
+        try:
+            groups = await self.redis.xinfo_groups(contract.request_stream(model))
+        except redis_exc.ResponseError:  # no stream yet
+            return 0
+        for group in groups:
+            if group.get("name") in (contract.GROUP, contract.GROUP.encode()):
+                lag = group.get("lag")
+                if lag is not None:
+                    return int(lag)
+                return int(await self.redis.xlen(contract.request_stream(model))) - int(group.get("entries-read") or 0)
+        return int(await self.redis.xlen(contract.request_stream(model)))
+
+    async def pending(self, model: str) -> int:
+        """Requests of `model` taken by a worker and not yet acknowledged."""
+        try:
+            summary = await self.redis.xpending(contract.request_stream(model), contract.GROUP)
+        except redis_exc.ResponseError:
+            return 0
+        return int(summary.get("pending", 0))
+
+    async def submit(self, job: contract.Job, ref: str | None, max_depth: int, idempotency: str | None = None) -> str:
+        """Queue a job; returns its request id (an existing one for a repeated Idempotency-Key)."""
+        if idempotency is not None:
+            claimed = await self.redis.set(contract.idempotency_key(idempotency), job.request_id, nx=True,
+                                           ex=contract.IDEMPOTENCY_TTL_S)
+            if not claimed:
+                existing = await self.redis.get(contract.idempotency_key(idempotency))
+                if existing:
+                    return existing.decode()
+        depth = await self.queue_depth(job.model)
+        if depth >= max_depth:
+            if idempotency is not None:
+                await self.redis.delete(contract.idempotency_key(idempotency))
+            raise Overloaded(depth, max_depth)
+        rid = job.request_id
+        queued = contract.Queued(request_id=rid, model=job.model, prompt_tokens=len(job.prompt_ids),
+                                 seed=job.sampling.seed, ref=ref)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(contract.request_key(rid), mapping={"status": "queued", "model": job.model, "attempts": 0,
+                                                       "created_at": job.created_at})
+        pipe.expire(contract.request_key(rid), contract.REQUEST_TTL_S)
+        pipe.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(queued)})
+        pipe.expire(contract.events_key(rid), contract.EVENTS_TTL_S)
+        pipe.xadd(contract.request_stream(job.model), {contract.JOB_FIELD: contract.encode(job)},
+                  maxlen=contract.REQUEST_STREAM_MAXLEN, approximate=True)
+        await pipe.execute()
+        return rid
+
+    async def events(self, request_id: str, last_id: str = "0-0", block_ms: int = 5000
+                     ) -> AsyncIterator[tuple[str, contract.BaseModel]]:
+        """Every event of a request from `last_id` on, ending after the final one (done/error).
+
+        Survives Redis restarts: while Redis is down it waits and resumes from the last id it saw.
+        """
+        key = contract.events_key(request_id)
+        while True:
+            try:
+                reply = await self.blocking.xread({key: last_id}, block=block_ms, count=512)
+            except REDIS_DOWN as exc:
+                log.warning("events %s: redis unreachable (%s); retrying", request_id, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id.decode()
+                    event = contract.decode_event(fields[contract.EVENT_FIELD.encode()])
+                    yield last_id, event
+                    if event.type in contract.FINAL_TYPES:
+                        return
+
+    async def cancel(self, request_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(contract.request_key(request_id), "status_requested", "cancel")
+        pipe.xadd(contract.CANCELS, {"request_id": request_id}, maxlen=contract.CANCEL_STREAM_MAXLEN,
+                  approximate=True)
+        await pipe.execute()
+
+    async def status(self, request_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(contract.request_key(request_id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def workers(self) -> list[contract.WorkerInfo]:
+        out = []
+        async for key in self.redis.scan_iter(match=contract.WORKER_PATTERN, count=200):
+            raw = await self.redis.get(key)
+            if raw:
+                out.append(contract.WorkerInfo.model_validate_json(raw))
+        return out

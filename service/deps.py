@@ -1,0 +1,64 @@
+"""Shared resources of the gateway, created in the lifespan and injected with `Annotated` aliases."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, WebSocket
+from starlette.requests import HTTPConnection
+
+from service.broker import Broker
+from service.metrics import GatewayMetrics
+from service.registry import Registry
+from service.settings import GatewaySettings
+
+
+@dataclass
+class Gateway:
+    settings: GatewaySettings
+    registry: Registry
+    broker: Broker
+    metrics: GatewayMetrics
+    websockets: set[WebSocket] = field(default_factory=set)
+    connections_per_client: dict[str, int] = field(default_factory=dict)
+
+
+def _gateway(conn: HTTPConnection) -> Gateway:
+    return conn.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+def key_is_valid(presented: str | None, keys: list[str]) -> bool:
+    """Constant-time comparison against every configured key (no early exit on the first match)."""
+    if not presented:
+        return False
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented.encode(), key.encode())
+    return ok
+
+
+def bearer(conn: HTTPConnection) -> str | None:
+    auth = conn.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def websocket_key(conn: HTTPConnection) -> str | None:
+    """A WebSocket may present its key as a Bearer header, an X-API-Key header or an `api_key` query token."""
+    return bearer(conn) or conn.headers.get("x-api-key") or conn.query_params.get("api_key")
+
+
+def require_api_key(request: Request) -> None:
+    gateway: Gateway = request.app.state.gateway
+    keys = gateway.settings.api_keys
+    if keys and not key_is_valid(bearer(request), keys):
+        raise HTTPException(status_code=401, detail="missing or invalid API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+ApiKey = Depends(require_api_key)

@@ -1,0 +1,55 @@
+"""Waiting for a request's final event on behalf of an HTTP client, cancelling if the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi.responses import JSONResponse
+
+from dgserve import contract
+from service.deps import Gateway
+
+ERROR_STATUS = {"cancelled": 499, "timeout": 504, "too_long": 422, "overloaded": 429}
+
+
+async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Callable[[], Awaitable[bool]]
+                     ) -> contract.Done | contract.Error:
+    """Follow the request's events to its final one; a client that disconnects cancels the request."""
+    started = time.monotonic()
+    first_step = False
+
+    async def read() -> contract.Done | contract.Error:
+        nonlocal first_step
+        async for _, event in gateway.broker.events(rid):
+            if event.type == "step" and not first_step:
+                first_step = True
+                gateway.metrics.first_step.labels(model).observe(time.monotonic() - started)
+            if event.type in contract.FINAL_TYPES:
+                return event  # type: ignore[return-value]
+        raise RuntimeError("event stream ended without a final event")
+
+    async def watch() -> None:
+        while not await disconnected():
+            await asyncio.sleep(0.25)
+
+    reader, watcher = asyncio.create_task(read()), asyncio.create_task(watch())
+    try:
+        done, _ = await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if reader in done:
+            final = reader.result()
+            gateway.metrics.e2e.labels(model).observe(time.monotonic() - started)
+            gateway.metrics.finished.labels(model, final.type if final.type == "done" else final.code).inc()
+            return final
+        await gateway.broker.cancel(rid)
+        gateway.metrics.finished.labels(model, "client_disconnected").inc()
+        return contract.Error(request_id=rid, code="cancelled", message="client disconnected")
+    finally:
+        for task in (reader, watcher):
+            task.cancel()
+
+
+def error_response(err: contract.Error) -> JSONResponse:
+    status = ERROR_STATUS.get(err.code, 500)
+    return JSONResponse({"detail": err.message, "code": err.code, "request_id": err.request_id}, status_code=status)

@@ -1,0 +1,97 @@
+"""From a validated request body to a queued job: tokenize, resolve defaults, apply deployment limits."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+
+from dgserve import contract
+from service.registry import Registry, ServedModel
+from service.schemas import GenerateRequest, SamplingFields
+from service.settings import GatewaySettings
+
+
+def field_error(field: str, msg: str, value: Any = None, kind: str = "value_error", **ctx: Any):
+    """A 422 in pydantic's own shape, for limits that only the deployment knows."""
+    return RequestValidationError([{"type": kind, "loc": ("body", field), "msg": msg, "input": value,
+                                    "ctx": ctx}])
+
+
+def resolve_model(registry: Registry, name: str | None) -> ServedModel:
+    model = registry.get(name)
+    if model is None:
+        raise field_error("model", f"unknown model {name!r}; served: {sorted(registry.models)}", name)
+    return model
+
+
+def sampling(model: ServedModel, fields: SamplingFields, settings: GatewaySettings) -> contract.Sampling:
+    values = {k: (v if (v := getattr(fields, k)) is not None else model.defaults[k]) for k in model.defaults}
+    if values["max_new_tokens"] > settings.max_new_tokens:
+        raise field_error("max_new_tokens", f"Input should be less than or equal to {settings.max_new_tokens}",
+                          values["max_new_tokens"], "less_than_equal", le=settings.max_new_tokens)
+    if values["t_max"] <= values["t_min"]:
+        raise field_error("t_max", f"t_max ({values['t_max']}) must be greater than t_min ({values['t_min']})",
+                          values["t_max"])
+    seed = fields.seed if fields.seed is not None else secrets.randbits(63)
+    return contract.Sampling(seed=seed, eos_token_ids=model.eos_token_ids, **values)
+
+
+def prompt_ids(model: ServedModel, body: GenerateRequest, settings: GatewaySettings) -> list[int]:
+    if body.messages is not None:
+        ids = model.encode_messages([m.model_dump() for m in body.messages])
+        field = "messages"
+    else:
+        ids = model.encode_prompt(body.prompt or "")
+        field = "prompt"
+    if len(ids) > settings.max_prompt_tokens:
+        raise field_error(field, f"prompt is {len(ids)} tokens; the limit is {settings.max_prompt_tokens}",
+                          None, "too_long", max_tokens=settings.max_prompt_tokens)
+    return ids
+
+
+def template_ids(model: ServedModel, body: GenerateRequest) -> dict[int, int] | None:
+    """The canvas template as position -> token id. Text templates need one token per character."""
+    template = body.template
+    if template is None:
+        return None
+    L = model.canvas_length
+    if len(template) > L:
+        raise field_error("template", f"template has {len(template)} positions; the canvas has {L}",
+                          None, "too_long", max_length=L)
+    vocab = len(model.tokenizer)
+    out: dict[int, int] = {}
+    if isinstance(template, str):
+        for pos, ch in enumerate(template):
+            if ch == body.template_hole:
+                continue
+            tok = model.token_id(ch)
+            if tok is None:
+                raise field_error("template", f"character {ch!r} at position {pos} is not one token of model "
+                                  f"{model.name!r}; give token ids instead", None)
+            out[pos] = tok
+    else:
+        for pos, tok in enumerate(template):
+            if tok is None:
+                continue
+            if not 0 <= tok < vocab:
+                raise field_error("template", f"token id {tok} at position {pos} is outside the vocabulary "
+                                  f"(0..{vocab - 1})", tok)
+            out[pos] = tok
+    return out
+
+
+def build_job(registry: Registry, settings: GatewaySettings, body: GenerateRequest,
+              stop: list[str] | None = None) -> contract.Job:
+    model = resolve_model(registry, body.model)
+    params = sampling(model, body, settings)
+    ids = prompt_ids(model, body, settings)
+    created = time.time()
+    return contract.Job(
+        request_id=uuid.uuid4().hex, model=model.name, prompt_ids=ids, sampling=params,
+        template=template_ids(model, body), stop=stop or [], created_at=created,
+        deadline=created + settings.request_timeout_s,
+    )

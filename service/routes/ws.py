@@ -1,0 +1,160 @@
+"""WS /ws/generate: several requests per connection, every denoising step streamed.
+
+Client -> server: {"type": "generate", ...same fields as POST /generate..., "ref": optional}
+                  {"type": "cancel", "request_id": optional (all of this connection's if omitted)}
+Server -> client: queued, step (every denoising step of every canvas), canvas, done | error;
+                  every event carries its request_id. Problems with a message itself come back as
+                  {"type": "error", "request_id": null, "code": ..., "message": ...}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from dgserve import contract
+from service.broker import REDIS_DOWN, Overloaded
+from service.deps import Gateway, GatewayDep, key_is_valid, websocket_key
+from service.jobs import build_job
+from service.schemas import WsCancel, WsGenerate
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+def describe(errors) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'message'}: {e['msg']}"
+                     for e in errors)
+
+
+class Session:
+    def __init__(self, ws: WebSocket, gateway: Gateway):
+        self.ws, self.gateway = ws, gateway
+        self.lock = asyncio.Lock()
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    async def send(self, payload: str) -> None:
+        async with self.lock:
+            await self.ws.send_text(payload)
+
+    async def problem(self, code: str, message: str, request_id: str | None = None, **extra) -> None:
+        await self.send(json.dumps({"type": "error", "request_id": request_id, "code": code, "message": message,
+                                    **extra}))
+
+    async def forward(self, rid: str) -> None:
+        try:
+            async for _, event in self.gateway.broker.events(rid):
+                await self.send(event.model_dump_json())
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client left; `close` cancels what is still open
+        finally:
+            self.tasks.pop(rid, None)
+
+    async def generate(self, data: dict) -> None:
+        try:
+            body = WsGenerate.model_validate(data)
+        except ValidationError as exc:
+            return await self.problem("validation_error", describe(exc.errors()), ref=data.get("ref"))
+        gw = self.gateway
+        try:
+            job = await run_in_threadpool(build_job, gw.registry, gw.settings, body)
+        except RequestValidationError as exc:
+            return await self.problem("validation_error", describe(exc.errors()), ref=body.ref)
+        try:
+            rid = await gw.broker.submit(job, body.ref, gw.settings.max_queue_depth)
+        except Overloaded as exc:
+            gw.metrics.rejected.labels("overloaded").inc()
+            return await self.problem("overloaded", str(exc), ref=body.ref, retry_after=gw.settings.retry_after_s)
+        except REDIS_DOWN:
+            gw.metrics.rejected.labels("redis_unavailable").inc()
+            return await self.problem("unavailable", "queue unavailable, retry later", ref=body.ref,
+                                      retry_after=gw.settings.retry_after_s)
+        gw.metrics.accepted.labels(job.model).inc()
+        self.tasks[rid] = asyncio.create_task(self.forward(rid))
+
+    async def cancel(self, data: dict) -> None:
+        try:
+            msg = WsCancel.model_validate(data)
+        except ValidationError as exc:
+            return await self.problem("validation_error", describe(exc.errors()))
+        targets = [msg.request_id] if msg.request_id else list(self.tasks)
+        for rid in targets:
+            if rid not in self.tasks:
+                await self.problem("unknown_request", f"no open request {rid!r} on this connection", rid)
+                continue
+            await self.gateway.broker.cancel(rid)
+
+    async def close(self) -> None:
+        for rid, task in list(self.tasks.items()):
+            try:
+                await self.gateway.broker.cancel(rid)
+            except REDIS_DOWN:
+                pass
+            task.cancel()
+
+
+@router.websocket("/ws/generate")
+async def ws_generate(ws: WebSocket, gateway: GatewayDep):
+    settings = gateway.settings
+    if settings.api_keys and not key_is_valid(websocket_key(ws), settings.api_keys):
+        await ws.send_denial_response(JSONResponse({"detail": "missing or invalid API key"}, status_code=401))
+        return
+    client = ws.client.host if ws.client else "?"
+    if gateway.connections_per_client.get(client, 0) >= settings.max_connections_per_client:
+        await ws.send_denial_response(JSONResponse(
+            {"detail": f"too many connections from this client (limit {settings.max_connections_per_client})"},
+            status_code=429, headers={"Retry-After": str(settings.retry_after_s)}))
+        return
+    await ws.accept()
+    gateway.connections_per_client[client] = gateway.connections_per_client.get(client, 0) + 1
+    gateway.websockets.add(ws)
+    gateway.metrics.websockets.inc()
+    session = Session(ws, gateway)
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            raw = message.get("text")
+            if raw is None:
+                raw = (message.get("bytes") or b"").decode("utf-8", "replace")
+            if len(raw.encode()) > settings.max_ws_message_bytes:
+                await session.problem("message_too_large", f"message is larger than {settings.max_ws_message_bytes}"
+                                      " bytes")
+                continue
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                await session.problem("invalid_json", f"message is not JSON: {exc.msg} at position {exc.pos}")
+                continue
+            if not isinstance(data, dict):
+                await session.problem("invalid_message", "message must be a JSON object with a `type`")
+                continue
+            kind = data.get("type")
+            if kind == "generate":
+                await session.generate(data)
+            elif kind == "cancel":
+                await session.cancel(data)
+            else:
+                await session.problem("invalid_message", f"unknown message type {kind!r}; use generate or cancel")
+    except WebSocketDisconnect:
+        pass
+    except REDIS_DOWN:
+        log.warning("websocket session: redis unreachable")
+    finally:
+        await session.close()
+        gateway.websockets.discard(ws)
+        gateway.metrics.websockets.dec()
+        gateway.connections_per_client[client] -= 1
+        if not gateway.connections_per_client[client]:
+            del gateway.connections_per_client[client]
+
+
+__all__ = ["router", "contract"]

@@ -1,0 +1,58 @@
+"""Gateway settings: read once at start-up from the environment (DG_*, REDIS_URL)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DG_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "DG_REDIS_URL")
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # name=path_or_hf_id, comma separated; the gateway reads only tokenizer and config files
+    models: Annotated[list[str], NoDecode] = ["text=models/text"]
+    default_model: str | None = None
+
+    max_prompt_tokens: int = Field(4096, ge=1)
+    max_new_tokens: int = Field(4096, ge=1)
+    max_queue_depth: int = Field(256, ge=1)  # requests waiting per model before 429
+    request_timeout_s: float = Field(600.0, gt=0)  # a request still queued after this ends with a timeout
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_ws_message_bytes: int = Field(1_000_000, ge=1024)
+    max_connections_per_client: int = Field(64, ge=1)
+    api_keys: Annotated[list[str], NoDecode] = []
+    cors_origins: Annotated[list[str], NoDecode] = []
+    retry_after_s: int = Field(2, ge=1)
+
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value)
+
+    def model_paths(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in self.models:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"DG_MODELS entry {item!r} is not name=path")
+            out[name.strip()] = path.strip()
+        return out
+
+    def default_model_name(self) -> str:
+        return self.default_model or next(iter(self.model_paths()))

@@ -1,0 +1,67 @@
+"""`dgserve worker`: load the model once, then serve requests from Redis until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from dgserve.logs import setup_logging
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("dgserve.worker")
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    setup_logging(settings.log_level, settings.log_json)
+    import torch
+
+    from worker.engine import Engine, EngineConfig
+    from worker.loading import load_model
+    from worker.metrics import WorkerMetrics, serve_http
+    from worker.runner import Runner
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    metrics = WorkerMetrics(settings.model_name)
+    state = {"loaded": False, "runner": None}
+
+    def ready() -> tuple[bool, str]:
+        if not state["loaded"]:
+            return False, "model loading"
+        runner = state["runner"]
+        if runner is None or not runner.redis_ok:
+            return False, "redis unreachable"
+        if not runner.accepting.is_set():
+            return False, "draining"
+        return True, "ok"
+
+    server = None
+    if settings.metrics_port:
+        server = serve_http(settings.metrics_host, settings.metrics_port, metrics.registry, ready)
+        log.info("worker metrics and health on http://%s:%d", settings.metrics_host, server.server_port)
+
+    model, tokenizer = load_model(settings.model_path, settings.device, settings.dtype, settings.quantization)
+    engine = Engine(model, EngineConfig(max_batch=settings.max_batch, max_context=settings.max_context,
+                                        sample_chunk_rows=settings.sample_chunk_rows))
+    log.info("engine ready: model=%s max_batch=%d max_context=%d kv=%.1f MB/row", settings.model_name,
+             settings.max_batch, settings.max_context, engine.pool.bytes_per_row / 1e6)
+    runner = Runner(engine, tokenizer, settings.redis_url, settings.model_name, settings.worker_id,
+                    heartbeat_interval_s=settings.heartbeat_interval_s, lease_ms=settings.lease_ms,
+                    max_attempts=settings.max_attempts, observer=metrics.observer(), on_step=metrics.step)
+    state["runner"] = runner
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: draining (up to %.0fs)", signum, settings.drain_timeout_s)
+        runner.drain()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    runner.start()
+    state["loaded"] = True
+    log.info("worker %s serving model %r from %s", settings.worker_id, settings.model_name, runner.stream)
+    runner.run(drain_timeout_s=settings.drain_timeout_s)
+    runner.stop()
+    if server is not None:
+        server.shutdown()
+    log.info("worker %s stopped", settings.worker_id)
+    return 0

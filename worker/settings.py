@@ -1,0 +1,41 @@
+"""Worker settings: read once at start-up from the environment (DG_*, REDIS_URL, HF_*)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DG_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "DG_REDIS_URL")
+    )
+    model_name: str = "text"
+    model_path: str = "models/text"  # a local directory or a Hugging Face model id
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
+    quantization: str = "none"  # none | fp8 | int4 (weight-only, for 24 GB cards)
+    max_batch: int = Field(8, ge=1, le=1024)
+    max_context: int = Field(2048, ge=16)
+    sample_chunk_rows: int = Field(4, ge=1)
+    torch_threads: int = Field(0, ge=0)  # 0: torch's default
+
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9100, ge=0, le=65535)  # 0: no metrics/health server
+    worker_id: str = Field(default_factory=_default_worker_id)
+    drain_timeout_s: float = Field(60.0, ge=0)
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    lease_ms: int = Field(30_000, ge=1000)  # a request held longer than this by a silent worker is reclaimed
+    max_attempts: int = Field(3, ge=1)
+
+    log_json: bool = False
+    log_level: str = "INFO"
