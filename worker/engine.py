@@ -297,8 +297,8 @@ class Engine:
             probs = torch.softmax(logits, dim=-1)
             sampled[a:b] = sampler.sample_rows(probs, generators[a:b])
             draft[a:b] = logits.argmax(dim=-1)
-            entropy[a:b] = sampler.token_entropy(logits, probs)
             next_soft[a:b] = self._soft_embedding(logits, probs)
+            entropy[a:b] = sampler.token_entropy_(logits, probs)  # last: makes logits log-probabilities
             del logits, probs
 
         fixed, fixed_ids = self._batch_template(rows)

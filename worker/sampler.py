@@ -25,12 +25,15 @@ def temperature(steps_done: torch.Tensor, num_steps: torch.Tensor, t_min: torch.
     return t_min + (t_max - t_min) * (remaining / num_steps.to(t_min.dtype))
 
 
-def token_entropy(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) given its `probs`, without another vocabulary-sized temporary.
+def token_entropy_(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) given its `probs`; turns `logits` into log-probabilities IN PLACE.
 
-    H = logsumexp(x) - sum_v p_v x_v.  # (..., V) -> (...)
+    H = -sum_v p_v (x_v - logsumexp(x)). Subtracting per element (rather than logsumexp(x) - p.x)
+    keeps small entropies exact: they decide acceptance (bound 0.1) and the stop (mean < 0.005).
+    (..., V) -> (...)
     """
-    return torch.logsumexp(logits, dim=-1) - torch.linalg.vecdot(probs, logits)
+    logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    return -torch.linalg.vecdot(probs, logits)
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
