@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker import sampler
-from worker.kvcache import KVPool
+from worker.kvcache import EncoderBatch, KVPool
 from worker.types import (
     CanvasEvent,
     DoneEvent,
@@ -132,6 +132,7 @@ class Engine:
         self.cancelled.clear()
 
     def _admit(self, events: list[EngineEvent]) -> None:
+        admitted: list[tuple[_Row, list[int]]] = []
         while self.pending and len(self.rows) < self.config.max_batch:
             req = self.pending.pop(0)
             needed = len(req.prompt_ids) + self._canvases_for(req) * self.canvas_length
@@ -151,22 +152,14 @@ class Engine:
             if req.template:
                 row.fixed, row.fixed_ids = self._template_tensors(req.template)
             self.rows.append(row)
-            try:
-                self._encode(row, req.prompt_ids)
-            except Exception as exc:
-                log.exception("prompt encoding failed for %s", req.request_id)
-                events.append(ErrorEvent(req.request_id, "engine_error", f"prompt encoding failed: {exc}"))
-                self._release(row)
+            admitted.append((row, req.prompt_ids))
+        self._encode(admitted, events, "prompt")
 
     def _encode_committed(self, events: list[EngineEvent]) -> None:
-        for row in [r for r in self.rows if r.needs_encode is not None]:
-            ids, row.needs_encode = row.needs_encode, None
-            try:
-                self._encode(row, ids)
-            except Exception as exc:
-                log.exception("canvas encoding failed for %s", row.req.request_id)
-                events.append(ErrorEvent(row.req.request_id, "engine_error", f"canvas encoding failed: {exc}"))
-                self._release(row)
+        committed = [(r, r.needs_encode) for r in self.rows if r.needs_encode is not None]
+        for row, _ in committed:
+            row.needs_encode = None
+        self._encode(committed, events, "canvas")  # type: ignore[arg-type]
 
     def _release(self, row: _Row) -> None:
         """Remove a row, keeping active slots contiguous (the last row moves into the hole)."""
@@ -191,24 +184,48 @@ class Engine:
         return fixed.to(self.device), ids.to(self.device)
 
     # ---------------------------------------------------------------- encoder
-    def _encode(self, row: _Row, ids: list[int]) -> None:
-        """Run the encoder over `ids` after what the row's slot holds, then start a fresh canvas."""
-        past = self.pool.total[row.slot]
-        cache = self.pool.encoder_cache(row.slot)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        attention_mask = torch.ones((1, past + len(ids)), dtype=torch.bool, device=self.device)
-        position_ids = torch.arange(past, past + len(ids), dtype=torch.int32, device=self.device)[None]
-        encoder = self.model.model.encoder
-        masks = encoder.create_masks_for_generate(
-            config=self.model_config,
-            inputs_embeds=torch.empty((1, len(ids), 0), dtype=self.dtype, device=self.device),
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        encoder(input_ids=input_ids, attention_mask=masks, cache=cache, position_ids=position_ids)
-        self.pool.store(row.slot, cache, past + len(ids))
-        self._new_canvas(row)
+    def _encode(self, batch: list[tuple[_Row, list[int]]], events: list[EngineEvent], what: str) -> None:
+        """One batched encoder pass over new tokens of several rows, then a fresh canvas for each.
+
+        A failure fails these rows only (the batch goes on).
+        """
+        if not batch:
+            return
+        try:
+            self._encoder_forward([r.slot for r, _ in batch], [ids for _, ids in batch])
+        except Exception as exc:
+            log.exception("%s encoding failed for %d rows", what, len(batch))
+            for row, _ in batch:
+                events.append(ErrorEvent(row.req.request_id, "engine_error", f"{what} encoding failed: {exc}"))
+                self._release(row)
+            return
+        for row, _ in batch:
+            self._new_canvas(row)
+
+    def _encoder_forward(self, slots: list[int], ids: list[list[int]]) -> None:
+        """Run the encoder over `ids[i]` after what slot `slots[i]` holds; the pool keeps the new keys."""
+        enc = self.model.model.encoder.language_model
+        batch = EncoderBatch(self.pool, slots, [len(x) for x in ids])
+        input_ids = torch.full((len(ids), batch.width), self.text_config.pad_token_id or 0, dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        input_ids = input_ids.to(self.device)
+        positions = batch.positions()
+        hidden = enc.embed_tokens(input_ids)
+        rope = {t: enc.rotary_emb(hidden, positions, t) for t in enc.unique_layer_types}
+        masks = {t: self._as_attention_mask(m) for t, m in batch.masks.items()}
+        for i, layer in enumerate(enc.layers[: self.text_config.num_hidden_layers]):
+            kind = self.text_config.layer_types[i]
+            hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
+                           position_ids=positions, cache=batch)
+        batch.commit()
+
+    def _as_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Boolean (True: attend) for sdpa and flex; additive for eager attention."""
+        if self._eager:
+            return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min)
+        return mask
 
     def _new_canvas(self, row: _Row) -> None:
         L = self.canvas_length
@@ -243,11 +260,7 @@ class Engine:
         if key_mask is None:
             return None
         canvas = torch.ones((n, 1, 1, L), dtype=torch.bool, device=self.device)
-        mask = torch.cat([key_mask, canvas], dim=-1).expand(n, 1, L, key_mask.shape[-1] + L)
-        if self._eager:
-            return torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(self.dtype).min)
-        return mask
+        return self._as_attention_mask(torch.cat([key_mask, canvas], dim=-1).expand(n, 1, L, key_mask.shape[-1] + L))
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Soft-capped float32 logits, computed in place after the head. (b, L, H) -> (b, L, V)."""

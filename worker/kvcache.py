@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 
 @dataclass
@@ -58,38 +57,6 @@ class KVPool:
         total = self.total[slot]
         return min(total, self.window - 1) if self.sliding[layer] else total
 
-    def encoder_cache(self, slot: int) -> DynamicCache:
-        """A batch-1 DynamicCache whose layers start as views of this slot (for the encoder to extend)."""
-        cache = DynamicCache(config=self.text_config)
-        if self.total[slot] == 0:
-            return cache
-        for i, layer in enumerate(cache.layers):
-            n = self.held(slot, i)
-            k = self.keys[i][slot : slot + 1, :, :n]
-            v = self.values[i][slot : slot + 1, :, :n]
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-            if self.sliding[i]:
-                layer.cumulative_length = self.total[slot]
-        return cache
-
-    def store(self, slot: int, cache: DynamicCache, total: int) -> None:
-        """Write the encoder's extended cache back into the slot."""
-        if total > self.max_context:
-            raise ValueError(f"context {total} exceeds the pool's max_context {self.max_context}")
-        old = self.total[slot]
-        self.total[slot] = total
-        for i, layer in enumerate(cache.layers):
-            n = self.held(slot, i)
-            k, v = layer.keys[0], layer.values[0]  # (H, len, D)
-            if self.sliding[i]:
-                # the window moved: rewrite what it holds now (at most window - 1 positions)
-                self.keys[i][slot, :, :n] = k[:, -n:]
-                self.values[i][slot, :, :n] = v[:, -n:]
-            else:
-                self.keys[i][slot, :, old:total] = k[:, old:total]
-                self.values[i][slot, :, old:total] = v[:, old:total]
-
     def move(self, src: int, dst: int) -> None:
         """Move a slot's contents (to keep active slots contiguous)."""
         if src == dst:
@@ -124,3 +91,79 @@ class KVPool:
                 held = torch.tensor(lengths, device=self.keys[i].device)
                 masks[kind] = (torch.arange(longest, device=held.device)[None, :] < held[:, None])[:, None, None, :]
         return DecoderCacheView(layers), masks
+
+
+class EncoderBatch:
+    """One batched encoder pass over new tokens of several slots (prompts or committed canvases).
+
+    Passed to transformers' encoder layers as their `cache`: `update()` joins each row's held keys with
+    the new ones for attention, and writes the new ones into the pool. Rows are laid out so that the
+    new tokens of every row share one slice:
+
+        key index t:  [ .. padding .. | held past of row i ][ new tokens (padded to the longest) ]
+                      0          Hmax - h_i           Hmax                             Hmax + N
+
+    so key t sits at position past_i + (t - Hmax) for every row, which makes the masks simple.
+    """
+
+    is_compileable = False
+
+    def __init__(self, pool: KVPool, slots: list[int], new_lengths: list[int]):
+        self.pool = pool
+        self.slots = slots
+        self.new_lengths = new_lengths
+        self.past = [pool.total[s] for s in slots]
+        self.width = max(new_lengths)
+        device = pool.keys[0].device
+        self.held = {kind: [self._held_for(kind, p) for p in self.past] for kind in set(pool.layer_types)}
+        self.masks: dict[str, torch.Tensor] = {}
+        n = torch.tensor(new_lengths, device=device)[:, None, None]  # (B, 1, 1)
+        j = torch.arange(self.width, device=device)[None, :, None]  # query (B, N, 1)
+        for kind, held in self.held.items():
+            hmax = max(held)
+            t = torch.arange(hmax + self.width, device=device)[None, None, :]  # key (1, 1, K)
+            rel = t - hmax  # key position relative to the first new token
+            h = torch.tensor(held, device=device)[:, None, None]
+            mask = (t >= hmax - h) & (rel <= j) & (rel < n)
+            if kind == "sliding_attention":
+                mask &= (j - rel) < pool.window
+            mask |= (j >= n) & (t == hmax)  # padded queries attend somewhere harmless (their output is unused)
+            self.masks[kind] = mask[:, None]  # (B, 1, N, K)
+
+    def _held_for(self, kind: str, past: int) -> int:
+        return min(past, self.pool.window - 1) if kind == "sliding_attention" else past
+
+    def positions(self) -> torch.Tensor:
+        device = self.pool.keys[0].device
+        past = torch.tensor(self.past, device=device)[:, None]
+        return past + torch.arange(self.width, device=device)[None, :]  # (B, N)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        pool = self.pool
+        kind = pool.layer_types[layer_idx]
+        held = self.held[kind]
+        hmax = max(held)
+        b, heads, _, dim = key_states.shape
+        keys = key_states.new_zeros((b, heads, hmax + self.width, dim))
+        values = value_states.new_zeros((b, heads, hmax + self.width, dim))
+        keys[:, :, hmax:] = key_states
+        values[:, :, hmax:] = value_states
+        for i, slot in enumerate(self.slots):
+            h, n = held[i], self.new_lengths[i]
+            if h:
+                keys[i, :, hmax - h : hmax] = pool.keys[layer_idx][slot, :, :h]
+                values[i, :, hmax - h : hmax] = pool.values[layer_idx][slot, :, :h]
+            if pool.sliding[layer_idx]:  # keep the last window - 1 positions of past + new
+                keep = min(h + n, pool.window - 1)
+                pool.keys[layer_idx][slot, :, :keep] = keys[i, :, hmax + n - keep : hmax + n]
+                pool.values[layer_idx][slot, :, :keep] = values[i, :, hmax + n - keep : hmax + n]
+            else:
+                past = self.past[i]
+                pool.keys[layer_idx][slot, :, past : past + n] = key_states[i, :, :n]
+                pool.values[layer_idx][slot, :, past : past + n] = value_states[i, :, :n]
+        return keys, values
+
+    def commit(self) -> None:
+        """After the forward: the slots now hold their new tokens."""
+        for slot, past, n in zip(self.slots, self.past, self.new_lengths, strict=True):
+            self.pool.total[slot] = past + n
