@@ -69,18 +69,22 @@ def mixed_requests(tokenizer) -> list[EngineRequest]:
             for i, (t, s) in enumerate(zip(texts, settings, strict=True))]
 
 
-def test_tokens_match_reference_generate_for_the_same_seed(model, tiny_model):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_tokens_match_reference_generate_for_the_same_seed(model, tiny_model, mode):
+    """`static` is the CUDA-graph path (fixed bucket shapes, full-capacity masked attention) run eagerly."""
     tokenizer = tiny_model[1]
     for req in mixed_requests(tokenizer):
-        done, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512)), [req])
+        done, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode=mode)), [req])
         assert done[req.request_id].token_ids == reference(model, req.prompt_ids, req.params), req.request_id
 
 
-def test_batching_does_not_change_results(model, tiny_model):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_batching_does_not_change_results(model, tiny_model, mode):
     """Rows with different prompt lengths, parameters and canvas counts share every forward, and each
-    gets exactly the tokens it gets alone (CPU float32: exact)."""
+    gets exactly the tokens it gets alone (CPU float32: exact). With `static`, 3 rows run padded in a
+    bucket of 4."""
     reqs = mixed_requests(tiny_model[1])
-    together, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512)), reqs)
+    together, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode=mode)), reqs)
     canvases = set()
     for req in reqs:
         alone, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512)), [req])

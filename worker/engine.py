@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from worker import sampler
-from worker.kvcache import EncoderBatch, KVPool
+from worker.graphs import StaticStep, buckets_for
+from worker.kvcache import DecoderCacheView, EncoderBatch, KVPool, _LayerView
 from worker.types import (
     CanvasEvent,
     DoneEvent,
@@ -37,6 +38,10 @@ class EngineConfig:
     max_batch: int = 8  # rows decoded together (also the KV pool's slot count)
     max_context: int = 2048  # prompt + generated tokens per request
     sample_chunk_rows: int = 4  # rows whose full-vocabulary logits are alive at once
+    # decoder steps: "eager" (shapes follow the batch), "static" (fixed bucket shapes, run eagerly:
+    # the CPU check of the graph path), "graphs" (fixed shapes captured as CUDA graphs), "auto"
+    # ("graphs" on CUDA, "eager" elsewhere)
+    decode_mode: str = "auto"
 
 
 @dataclass
@@ -73,6 +78,15 @@ class Engine:
         self.cancelled: set[str] = set()
         self._eager = model.config._attn_implementation == "eager"
         self.steps_run = 0
+        mode = self.config.decode_mode
+        if mode == "auto":
+            mode = "graphs" if self.device.type == "cuda" else "eager"
+        if mode == "graphs" and self.device.type != "cuda":
+            raise ValueError("decode_mode 'graphs' needs a CUDA device")
+        self.decode_mode = mode
+        self.static_steps: dict[int, StaticStep] = {}
+        if mode in ("static", "graphs"):
+            self._build_static_steps(capture=mode == "graphs")
 
     # ----------------------------------------------------------------- control
     @property
@@ -239,21 +253,78 @@ class Engine:
         row.step_in_canvas = 0
 
     # ---------------------------------------------------------------- decoder
-    def _decoder_hidden(self, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-        """One batched decoder forward. canvas (B, L), soft (B, L, H) -> hidden (B, L, H)."""
-        n, L = canvas.shape
+    def _decoder_layers(self, canvas: torch.Tensor, soft: torch.Tensor, positions: torch.Tensor,
+                        masks: dict[str, torch.Tensor | None], cache: DecoderCacheView) -> torch.Tensor:
+        """The decoder over a canvas. canvas (B, L), soft (B, L, H), positions (B, L) -> hidden (B, L, H)."""
         dec = self.model.model.decoder
-        cache, key_masks = self.pool.decoder_view(n)
-        totals = torch.tensor([self.pool.total[r.slot] for r in self.rows], device=self.device)
-        positions = totals[:, None] + torch.arange(L, device=self.device)[None, :]  # (B, L)
         hidden = dec.self_conditioning(dec.embed_tokens(canvas), soft)
         rope = {t: dec.rotary_emb(hidden, positions, t) for t in dec.unique_layer_types}
-        masks = {t: self._attention_mask(m, n, L) for t, m in key_masks.items()}
         for i, layer in enumerate(dec.layers[: self.text_config.num_hidden_layers]):
             kind = self.text_config.layer_types[i]
             hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
                            position_ids=positions, cache=cache)
         return dec.norm(hidden)
+
+    def _positions(self) -> torch.Tensor:
+        totals = torch.tensor([self.pool.total[r.slot] for r in self.rows], device=self.device)
+        return totals[:, None] + torch.arange(self.canvas_length, device=self.device)[None, :]  # (B, L)
+
+    def _decoder_hidden(self, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """One batched decoder forward. canvas (B, L), soft (B, L, H) -> hidden (B, L, H)."""
+        n, L = canvas.shape
+        if self.static_steps:
+            return self._static_decoder_hidden(canvas, soft)
+        cache, key_masks = self.pool.decoder_view(n)
+        masks = {t: self._attention_mask(m, n, L) for t, m in key_masks.items()}
+        return self._decoder_layers(canvas, soft, self._positions(), masks, cache)
+
+    # ------------------------------------------------------- static / graphs
+    def _build_static_steps(self, capture: bool) -> None:
+        from tqdm.auto import tqdm
+
+        widths = {t: self.pool.capacity(t) for t in set(self.pool.layer_types)}
+        mask_dtype = self.dtype if self._eager else torch.bool
+        buckets = buckets_for(self.config.max_batch)
+        mempool = torch.cuda.graph_pool_handle() if capture else None
+        bar = tqdm(sorted(buckets, reverse=True), desc="capturing decoder steps" if capture else "static steps",
+                   unit="bucket", disable=not capture)
+        with torch.inference_mode():
+            for bucket in bar:  # largest first, so smaller ones reuse its memory pool
+                step = StaticStep(bucket, self.canvas_length, self.text_config.hidden_size, widths, self.device,
+                                  self.dtype, mask_dtype)
+                for m in step.masks.values():  # a valid mask (canvas only) for warm-up and capture
+                    m[..., -self.canvas_length:] = True if mask_dtype == torch.bool else 0.0
+                if capture:
+                    seconds = step.capture(self._static_forward, mempool)
+                    bar.set_postfix(bucket=bucket, seconds=f"{seconds:.1f}")
+                self.static_steps[bucket] = step
+
+    def _static_forward(self, step: StaticStep) -> torch.Tensor:
+        cache = DecoderCacheView([_LayerView(k[: step.bucket], v[: step.bucket])
+                                  for k, v in zip(self.pool.keys, self.pool.values, strict=True)])
+        masks: dict[str, torch.Tensor | None] = dict(step.masks)
+        return self._decoder_layers(step.canvas, step.soft, step.positions, masks, cache)
+
+    def _static_decoder_hidden(self, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        n, L = canvas.shape
+        bucket = min(b for b in self.static_steps if b >= n)
+        step = self.static_steps[bucket]
+        step.canvas[:n].copy_(canvas)
+        step.soft[:n].copy_(soft)
+        step.positions[:n].copy_(self._positions())
+        for kind, mask in step.masks.items():
+            width = mask.shape[-1] - L
+            held = torch.tensor([self.pool.held_kind(r.slot, kind) for r in self.rows], device=self.device)
+            keys = torch.arange(width, device=self.device)[None, :] < held[:, None]  # (n, width)
+            full = torch.zeros((bucket, width), dtype=torch.bool, device=self.device)
+            full[:n] = keys
+            allowed = torch.cat([full, torch.ones((bucket, L), dtype=torch.bool, device=self.device)], dim=-1)
+            allowed = allowed[:, None, None, :].expand(bucket, 1, L, width + L)
+            if mask.dtype == torch.bool:
+                mask.copy_(allowed)
+            else:
+                mask.copy_(torch.zeros_like(mask).masked_fill(~allowed, torch.finfo(mask.dtype).min))
+        return step.run(self._static_forward)[:n]
 
     def _attention_mask(self, key_mask: torch.Tensor | None, n: int, L: int) -> torch.Tensor | None:
         """(B, 1, 1, kv) cache mask -> (B, 1, L, kv + L) with the canvas always visible."""

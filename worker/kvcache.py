@@ -52,6 +52,14 @@ class KVPool:
     def bytes_per_row(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k in self.keys) // self.rows
 
+    def capacity(self, kind: str) -> int:
+        i = self.layer_types.index(kind)
+        return self.keys[i].shape[2]
+
+    def held_kind(self, slot: int, kind: str) -> int:
+        total = self.total[slot]
+        return min(total, self.window - 1) if kind == "sliding_attention" else total
+
     def held(self, slot: int, layer: int) -> int:
         """How many positions of `layer` hold data for `slot`."""
         total = self.total[slot]
