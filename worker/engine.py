@@ -42,6 +42,10 @@ class EngineConfig:
     # the CPU check of the graph path), "graphs" (fixed shapes captured as CUDA graphs), "auto"
     # ("graphs" on CUDA, "eager" elsewhere)
     decode_mode: str = "auto"
+    # sampler: "exact" (transformers' ops and multinomial draws: the reference's tokens for a seed),
+    # "fused" (one Triton pass over the logits, Gumbel-max draws from the request's seed), "auto"
+    # ("fused" on CUDA with Triton, "exact" elsewhere)
+    sampler: str = "auto"
 
 
 @dataclass
@@ -84,9 +88,20 @@ class Engine:
         if mode == "graphs" and self.device.type != "cuda":
             raise ValueError("decode_mode 'graphs' needs a CUDA device")
         self.decode_mode = mode
+        self.sampler_mode = self._resolve_sampler(self.config.sampler)
         self.static_steps: dict[int, StaticStep] = {}
         if mode in ("static", "graphs"):
             self._build_static_steps(capture=mode == "graphs")
+
+    def _resolve_sampler(self, mode: str) -> str:
+        if mode == "auto":
+            from worker import fused
+
+            usable = fused.HAVE_TRITON and self.device.type == "cuda" and self.dtype in fused.SUPPORTED_DTYPES
+            return "fused" if usable else "exact"
+        if mode not in ("exact", "fused"):
+            raise ValueError(f"unknown sampler {mode!r} (exact, fused, auto)")
+        return mode
 
     # ----------------------------------------------------------------- control
     @property
@@ -350,6 +365,32 @@ class Engine:
             weights = torch.softmax(scaled_logits.to(self.dtype), dim=-1, dtype=torch.float32).to(self.dtype)
         return torch.matmul(weights, embed.weight) * embed.embed_scale.to(self.dtype)
 
+    def _sample_exact(self, hidden: torch.Tensor, temp: torch.Tensor, generators: list[torch.Generator]):
+        """The reference's ops: float32 logits, softmax, multinomial. -> sampled, draft, entropy, soft."""
+        logits = self._logits(hidden)  # (b, L, V) float32
+        logits.div_(temp[:, None, None])
+        probs = torch.softmax(logits, dim=-1)
+        sampled = sampler.sample_rows(probs, generators)
+        draft = logits.argmax(dim=-1)
+        soft = self._soft_embedding(logits, probs)
+        entropy = sampler.token_entropy_(logits, probs)  # last: makes logits log-probabilities
+        return sampled, draft, entropy, soft
+
+    def _sample_fused(self, hidden: torch.Tensor, temp: torch.Tensor, generators: list[torch.Generator]):
+        """Two Triton passes over the model-dtype head output; no float32 vocabulary tensor."""
+        from worker import fused
+
+        logits = self.model.lm_head(hidden).contiguous()  # (b, L, V) model dtype
+        inv_temp = (1.0 / temp).float().contiguous()
+        seeds = torch.cat([torch.randint(0, 2**62, (1,), generator=g, device=self.device) for g in generators])
+        cap = self.model.final_logit_softcapping
+        stats = fused.fused_stats(logits, inv_temp, seeds, cap, self.dtype)
+        probs = fused.fused_probs(logits, inv_temp, stats, cap, self.dtype)
+        del logits
+        embed = self.model.model.decoder.embed_tokens
+        soft = torch.matmul(probs, embed.weight) * embed.embed_scale.to(self.dtype)
+        return stats["sample"], stats["argmax"], stats["entropy"], soft
+
     def _denoise(self) -> list[EngineEvent]:
         rows = self.rows
         n, L = len(rows), self.canvas_length
@@ -374,16 +415,11 @@ class Engine:
         entropy = torch.empty((n, L), dtype=torch.float32, device=self.device)
         next_soft = torch.empty((n, L, hidden_size), dtype=self.dtype, device=self.device)
         chunk = max(1, self.config.sample_chunk_rows)
+        sample_chunk = self._sample_fused if self.sampler_mode == "fused" else self._sample_exact
         for a in range(0, n, chunk):  # at most `chunk` rows of full-vocabulary logits alive at once
             b = min(n, a + chunk)
-            logits = self._logits(hidden[a:b])  # (b, L, V)
-            logits.div_(temp[a:b, None, None])
-            probs = torch.softmax(logits, dim=-1)
-            sampled[a:b] = sampler.sample_rows(probs, generators[a:b])
-            draft[a:b] = logits.argmax(dim=-1)
-            next_soft[a:b] = self._soft_embedding(logits, probs)
-            entropy[a:b] = sampler.token_entropy_(logits, probs)  # last: makes logits log-probabilities
-            del logits, probs
+            sampled[a:b], draft[a:b], entropy[a:b], next_soft[a:b] = sample_chunk(
+                hidden[a:b], temp[a:b], generators[a:b])
 
         fixed, fixed_ids = self._batch_template(rows)
         if fixed is not None:
