@@ -49,9 +49,7 @@ def _env_default(value: str) -> str:
 @pytest.mark.timeout(1200)
 def test_validate_deploy_script_passes():
     env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(
-        ["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1100
-    )
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1100)
     if proc.returncode == TOOLS_UNAVAILABLE:
         pytest.skip(f"validate_deploy.sh could not install its tools: {proc.stderr.strip()[-600:]}")
     summary = [line for line in proc.stdout.splitlines() if line.startswith("validate_deploy:")]
@@ -62,9 +60,7 @@ def test_validate_deploy_script_passes():
 # ----------------------------------------------------------------------------- compose.yaml, directly
 def test_compose_profiles(compose):
     services = compose["services"]
-    by_profile = {
-        p: sorted(n for n, s in services.items() if p in (s.get("profiles") or [])) for p in ("gpu", "cpu")
-    }
+    by_profile = {p: sorted(n for n, s in services.items() if p in (s.get("profiles") or [])) for p in ("gpu", "cpu")}
     assert by_profile == {"gpu": ["gateway", "worker"], "cpu": ["gateway-cpu", "worker-sudoku", "worker-text"]}
     assert "profiles" not in services["redis"], "redis must run in both profiles"
 
@@ -89,7 +85,7 @@ def test_compose_redis_aof_and_noeviction(compose):
     redis = compose["services"]["redis"]
     assert redis["image"].startswith("redis:7")
     args = [str(a) for a in redis["command"]]
-    pairs = dict(zip(args[1::2], args[2::2]))
+    pairs = dict(zip(args[1::2], args[2::2], strict=True))
     assert args[0] == "redis-server"
     assert pairs["--appendonly"] == "yes"
     assert pairs["--appendfsync"] == "everysec"
