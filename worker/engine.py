@@ -66,6 +66,28 @@ class _Row:
     needs_encode: list[int] | None = None  # committed canvas waiting to be encoded
 
 
+class _Timer:
+    """Wall-clock laps with a device sync before each (profiling only)."""
+
+    def __init__(self, device: torch.device):
+        import time
+
+        self.device, self._clock = device, time.perf_counter
+        self._sync()
+        self.last = self._clock()
+        self.laps: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def lap(self, name: str) -> None:
+        self._sync()
+        now = self._clock()
+        self.laps[name] = (now - self.last) * 1e3
+        self.last = now
+
+
 class Engine:
     def __init__(self, model, config: EngineConfig | None = None):
         self.model = model
@@ -82,6 +104,7 @@ class Engine:
         self.cancelled: set[str] = set()
         self._eager = model.config._attn_implementation == "eager"
         self.steps_run = 0
+        self.profile: list[dict[str, float]] | None = None  # set to [] to record per-step timings (syncs!)
         mode = self.config.decode_mode
         if mode == "auto":
             mode = "graphs" if self.device.type == "cuda" else "eager"
@@ -310,7 +333,13 @@ class Engine:
                 for m in step.masks.values():  # a valid mask (canvas only) for warm-up and capture
                     m[..., -self.canvas_length:] = True if mask_dtype == torch.bool else 0.0
                 if capture:
-                    seconds = step.capture(self._static_forward, mempool)
+                    try:
+                        seconds = step.capture(self._static_forward, mempool)
+                    except Exception:  # serve without graphs rather than not at all
+                        log.exception("CUDA graph capture failed at bucket %d; decoding eagerly instead", bucket)
+                        self.static_steps.clear()
+                        self.decode_mode = "eager"
+                        return
                     bar.set_postfix(bucket=bucket, seconds=f"{seconds:.1f}")
                 self.static_steps[bucket] = step
 
@@ -400,7 +429,10 @@ class Engine:
             r.soft if r.soft is not None else torch.zeros((L, hidden_size), dtype=self.dtype, device=self.device)
             for r in rows
         ])  # (B, L, H)
+        timer = _Timer(self.device) if self.profile is not None else None
         hidden = self._decoder_hidden(canvas, soft)
+        if timer:
+            timer.lap("decoder_ms")
 
         params = [r.req.params for r in rows]
         f32 = dict(dtype=torch.float32, device=self.device)
@@ -421,6 +453,8 @@ class Engine:
             sampled[a:b], draft[a:b], entropy[a:b], next_soft[a:b] = sample_chunk(
                 hidden[a:b], temp[a:b], generators[a:b])
 
+        if timer:
+            timer.lap("sampler_ms")
         fixed, fixed_ids = self._batch_template(rows)
         if fixed is not None:
             draft = sampler.clamp_template(draft, fixed, fixed_ids)
@@ -450,6 +484,9 @@ class Engine:
         run_cpu = run.cpu().tolist()
         stop_cpu = stop.cpu().tolist()
 
+        if timer and self.profile is not None:
+            timer.lap("accept_ms")
+            self.profile.append({**timer.laps, "rows": n})
         events: list[EngineEvent] = []
         finished: list[_Row] = []
         for i, row in enumerate(rows):
