@@ -9,17 +9,20 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.broker import REDIS_DOWN, Broker, Overloaded
 from service.deps import Gateway
 from service.metrics import GatewayMetrics
 from service.registry import Registry
-from service.routes import generate, health, ws
+from service.routes import generate, health, openai, ws
 from service.settings import GatewaySettings
 
 log = logging.getLogger("dgserve.gateway")
@@ -116,26 +119,46 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                                                       str(response.status_code)).inc()
         return response
 
+    def error(request: Request, status: int, message: str, code: str, headers: dict | None = None,
+              kind: str = "server_error") -> JSONResponse:
+        """Our shape, or OpenAI's error object under /v1."""
+        if request.url.path.startswith("/v1"):
+            return openai.OpenAIError(status, message, kind, None, code, headers).response()
+        return JSONResponse({"detail": message, "code": code}, status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if not request.url.path.startswith("/v1"):
+            return await http_exception_handler(request, exc)
+        kind = "authentication_error" if exc.status_code == 401 else "invalid_request_error"
+        return error(request, exc.status_code, str(exc.detail), kind.replace("_error", ""), exc.headers, kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        if request.url.path.startswith("/v1"):
+            return openai.error_from_validation(list(exc.errors())).response()
+        return await request_validation_exception_handler(request, exc)
+
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded):
         request.app.state.gateway.metrics.rejected.labels("overloaded").inc()
-        return JSONResponse({"detail": f"server overloaded: {exc}", "code": "overloaded"}, status_code=429,
-                            headers={"Retry-After": str(settings.retry_after_s)})
+        return error(request, 429, f"server overloaded: {exc}", "overloaded",
+                     {"Retry-After": str(settings.retry_after_s)}, "rate_limit_error")
 
     for redis_error in (RedisConnectionError, RedisTimeoutError):
         @app.exception_handler(redis_error)
         async def redis_down(request: Request, exc: Exception):
             request.app.state.gateway.metrics.rejected.labels("redis_unavailable").inc()
-            return JSONResponse({"detail": "queue unavailable (Redis unreachable); retry later",
-                                 "code": "unavailable"}, status_code=503,
-                                headers={"Retry-After": str(settings.retry_after_s)})
+            return error(request, 503, "queue unavailable (Redis unreachable); retry later", "unavailable",
+                         {"Retry-After": str(settings.retry_after_s)})
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse({"detail": "internal error", "code": "internal_error"}, status_code=500)
+        return error(request, 500, "internal error", "internal_error")
 
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(ws.router)
+    app.include_router(openai.router)
     return app
