@@ -190,3 +190,90 @@ class WorkerInfo(_Model):
 
 def encode_json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
+
+
+# ------------------------------------------------------------ Lua scripts
+# Atomic admission: refuse past `max_depth` requests waiting (not yet delivered to a worker), else record
+# the request, write its `queued` event, then queue the job. Works on Redis 6.2 (no XINFO `lag` there).
+# KEYS: request stream, request hash, events stream
+# ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream maxlen
+SUBMIT_LUA = """
+local last = '0-0'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, g in ipairs(groups) do
+    local name, id
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then id = g[i + 1] end
+    end
+    if name == ARGV[1] then last = id end
+  end
+end
+local max_depth = tonumber(ARGV[2])
+local waiting = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', max_depth)
+if waiting >= max_depth then return {0, waiting} end
+redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[6], 'attempts', 0, 'created_at', ARGV[5])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
+redis.call('XADD', KEYS[3], '*', 'e', ARGV[4])
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[3])
+return {1, waiting}
+"""
+
+# Requests waiting in a stream, counted up to a cap (Redis 6.2 has no XINFO `lag`).
+# KEYS: request stream. ARGV: group, cap
+WAITING_LUA = """
+local last = '0-0'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return 0 end
+for _, g in ipairs(groups) do
+  local name, id
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then id = g[i + 1] end
+  end
+  if name == ARGV[1] then last = id end
+end
+return #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[2]))
+"""
+
+# A worker writes a request's events only while it still owns the job (a reclaimed job's old owner must
+# never interleave its steps with the new owner's). Final events also set the status and acknowledge.
+# KEYS: request stream, then per request: its events stream, its request hash
+# ARGV: group, consumer, events ttl, n, then per request: entry id, final status or '', count, events...
+# Returns the entry ids this worker no longer owns.
+PUBLISH_LUA = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4])
+local a, lost = 5, {}
+for i = 1, n do
+  local events, hash = KEYS[2 * i], KEYS[2 * i + 1]
+  local entry, final, count = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) > 0 then
+    for j = 0, count - 1 do redis.call('XADD', events, '*', 'e', ARGV[a + j]) end
+    redis.call('EXPIRE', events, ttl)
+    if final ~= '' then
+      redis.call('HSET', hash, 'status', final)
+      redis.call('XACK', stream, group, entry)
+    end
+  else
+    table.insert(lost, entry)
+  end
+  a = a + count
+end
+return lost
+"""
+
+# Renew the leases of jobs this worker still owns (reset their idle time); report the ones it lost.
+# KEYS: request stream. ARGV: group, consumer, entry ids...
+RENEW_LUA = """
+local lost = {}
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""

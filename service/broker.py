@@ -29,6 +29,8 @@ class Broker:
         # blocking XREADs hold a connection each, so they get their own, larger pool
         self.blocking = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=None,
                                                 max_connections=max_connections)
+        self._submit = self.redis.register_script(contract.SUBMIT_LUA)
+        self._waiting = self.redis.register_script(contract.WAITING_LUA)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -40,19 +42,9 @@ class Broker:
         except REDIS_DOWN:
             return False
 
-    async def queue_depth(self, model: str) -> int:
-        """Requests of `model` not yet taken by a worker (the consumer group's lag)."""
-        try:
-            groups = await self.redis.xinfo_groups(contract.request_stream(model))
-        except redis_exc.ResponseError:  # no stream yet
-            return 0
-        for group in groups:
-            if group.get("name") in (contract.GROUP, contract.GROUP.encode()):
-                lag = group.get("lag")
-                if lag is not None:
-                    return int(lag)
-                return int(await self.redis.xlen(contract.request_stream(model))) - int(group.get("entries-read") or 0)
-        return int(await self.redis.xlen(contract.request_stream(model)))
+    async def queue_depth(self, model: str, cap: int = 100_000) -> int:
+        """Requests of `model` not yet taken by a worker (counted up to `cap`)."""
+        return int(await self._waiting(keys=[contract.request_stream(model)], args=[contract.GROUP, cap]))
 
     async def pending(self, model: str) -> int:
         """Requests of `model` taken by a worker and not yet acknowledged."""
@@ -71,23 +63,17 @@ class Broker:
                 existing = await self.redis.get(contract.idempotency_key(idempotency))
                 if existing:
                     return existing.decode()
-        depth = await self.queue_depth(job.model)
-        if depth >= max_depth:
-            if idempotency is not None:
-                await self.redis.delete(contract.idempotency_key(idempotency))
-            raise Overloaded(depth, max_depth)
         rid = job.request_id
         queued = contract.Queued(request_id=rid, model=job.model, prompt_tokens=len(job.prompt_ids),
                                  seed=job.sampling.seed, ref=ref)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(contract.request_key(rid), mapping={"status": "queued", "model": job.model, "attempts": 0,
-                                                       "created_at": job.created_at})
-        pipe.expire(contract.request_key(rid), contract.REQUEST_TTL_S)
-        pipe.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(queued)})
-        pipe.expire(contract.events_key(rid), contract.EVENTS_TTL_S)
-        pipe.xadd(contract.request_stream(job.model), {contract.JOB_FIELD: contract.encode(job)},
-                  maxlen=contract.REQUEST_STREAM_MAXLEN, approximate=True)
-        await pipe.execute()
+        accepted, depth = await self._submit(
+            keys=[contract.request_stream(job.model), contract.request_key(rid), contract.events_key(rid)],
+            args=[contract.GROUP, max_depth, contract.encode(job), contract.encode(queued), job.created_at,
+                  job.model, contract.REQUEST_TTL_S, contract.EVENTS_TTL_S, contract.REQUEST_STREAM_MAXLEN])
+        if not accepted:
+            if idempotency is not None:
+                await self.redis.delete(contract.idempotency_key(idempotency))
+            raise Overloaded(int(depth), max_depth)
         return rid
 
     async def events(self, request_id: str, last_id: str = "0-0", block_ms: int = 5000

@@ -70,6 +70,8 @@ class Runner:
         self.observe = observer or (lambda kind, payload: None)
         self.on_step = on_step or (lambda seconds, rows, pending: None)
 
+        self._publish = self.redis.register_script(contract.PUBLISH_LUA)
+        self._renew = self.redis.register_script(contract.RENEW_LUA)
         self.inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self.outbox: queue.Queue[list[EngineEvent] | None] = queue.Queue()
         self.held: dict[str, _Held] = {}
@@ -348,29 +350,35 @@ class Runner:
         return done, len(text) - cut
 
     def _write(self, batch: list[tuple[contract.BaseModel, _Held | None]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        touched: set[str] = set()
-        finished: list[tuple[str, _Held, contract.BaseModel]] = []
+        """One atomic script per batch: events of jobs this worker still owns; finals also ack them."""
+        per_request: dict[str, tuple[_Held, list[str], str]] = {}
         for event, held in batch:
+            if held is None:
+                continue
             rid = event.request_id  # type: ignore[attr-defined]
-            key = contract.events_key(rid)
-            pipe.xadd(key, {contract.EVENT_FIELD: contract.encode(event)})
-            touched.add(key)
-            if event.type in contract.FINAL_TYPES and held is not None:  # type: ignore[attr-defined]
-                finished.append((rid, held, event))
-        for key in touched:
-            pipe.expire(key, contract.EVENTS_TTL_S)
-        for rid, held, event in finished:
-            status = "done" if event.type == "done" else (  # type: ignore[attr-defined]
-                "cancelled" if getattr(event, "code", "") == "cancelled" else "error")
-            pipe.hset(contract.request_key(rid), "status", status)
-            pipe.xack(self.stream, contract.GROUP, held.entry_id)
-        pipe.execute()
+            _, payloads, final = per_request.setdefault(rid, (held, [], ""))
+            payloads.append(contract.encode(event))
+            if event.type in contract.FINAL_TYPES:  # type: ignore[attr-defined]
+                final = "done" if event.type == "done" else (  # type: ignore[attr-defined]
+                    "cancelled" if getattr(event, "code", "") == "cancelled" else "error")
+            per_request[rid] = (held, payloads, final)
+        if not per_request:
+            return
+        keys, args = [self.stream], [contract.GROUP, self.worker_id, contract.EVENTS_TTL_S, len(per_request)]
+        for rid, (held, payloads, final) in per_request.items():
+            keys += [contract.events_key(rid), contract.request_key(rid)]
+            args += [held.entry_id, final, len(payloads), *payloads]
+        lost = set(self._publish(keys=keys, args=args))
         for event, _ in batch:
             self.observe("event", event)
-        if finished:
+        ended = [rid for rid, (held, _, final) in per_request.items() if final or held.entry_id in lost]
+        for rid, (held, _, _) in per_request.items():
+            if held.entry_id in lost:
+                log.warning("request %s was reclaimed by another worker; dropping it here", rid)
+                self.inbox.put(("cancel", rid))
+        if ended:
             with self.held_lock:
-                for rid, _, _ in finished:
+                for rid in ended:
                     self.held.pop(rid, None)
             with self.room:
                 self.room.notify_all()
@@ -403,11 +411,20 @@ class Runner:
             pass
 
     def _renew_leases(self) -> None:
-        """Reset the idle time of held jobs (XCLAIM to ourselves), so nobody reclaims a live request."""
+        """Reset the idle time of held jobs, so that nobody reclaims a live request; drop lost ones."""
         with self.held_lock:
-            ids = [h.entry_id for h in self.held.values()]
-        if ids:
-            self.redis.xclaim(self.stream, contract.GROUP, self.worker_id, 0, ids, justid=True)
+            by_entry = {h.entry_id: rid for rid, h in self.held.items()}
+        if not by_entry:
+            return
+        lost = self._renew(keys=[self.stream], args=[contract.GROUP, self.worker_id, *by_entry])
+        for entry in lost:
+            rid = by_entry.get(entry)
+            if rid is None:
+                continue
+            log.warning("lease of %s lost (reclaimed by another worker); dropping it here", rid)
+            with self.held_lock:
+                self.held.pop(rid, None)
+            self.inbox.put(("cancel", rid))
 
 
 __all__ = ["Runner", "ErrorEvent"]
