@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 # The puzzle of Wikipedia's "Sudoku" article (unique solution), the default of `dgserve sudoku`.
-EXAMPLE_PUZZLE = "530070000600195000098000060800060003400080001700020006060000280000419005000080079"
+EXAMPLE_PUZZLE = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
 EXAMPLE_SOLUTION = "534678912672195348198342567859761423426853791713924856961537284287419635345286179"
 
 BLANKS = "0."
@@ -66,6 +66,31 @@ def is_valid_solution(puzzle: str | Sequence[int], solution: str | Sequence[int]
     return all(set(unit) == full for unit in (*rows, *cols, *boxes))
 
 
+def problems(puzzle: str | Sequence[int], solution: str | Sequence[int], limit: int = 3) -> list[str]:
+    """Why `solution` is not a valid solution of `puzzle`, in words (at most `limit` reasons; [] if valid)."""
+    sol = _digits(solution if not isinstance(solution, str) else cells(solution)) or []
+    if len(sol) != 81:
+        return [f"the solution has {len(sol)} cells, not 81"]
+    out: list[str] = []
+    blank = sum(not 1 <= d <= 9 for d in sol)
+    if blank:
+        out.append(f"{blank} cell{'s' if blank > 1 else ''} without a digit")
+    given = _digits(puzzle if not isinstance(puzzle, str) else normalize_puzzle(puzzle)) or [0] * 81
+    changed = [i for i, (g, s) in enumerate(zip(given, sol, strict=True)) if g and 1 <= s <= 9 and g != s]
+    if changed:
+        out.append(f"{len(changed)} given{'s' if len(changed) > 1 else ''} changed")
+    units = ([("row", r + 1, [9 * r + c for c in range(9)]) for r in range(9)]
+             + [("column", c + 1, [9 * r + c for r in range(9)]) for c in range(9)]
+             + [("box", 3 * (b // 3) + b % 3 + 1, [9 * (3 * (b // 3) + r) + 3 * (b % 3) + c
+                                                   for r in range(3) for c in range(3)]) for b in range(9)])
+    for kind, n, idx in units:
+        values = [sol[i] for i in idx if 1 <= sol[i] <= 9]
+        repeats = sorted({v for v in values if values.count(v) > 1})
+        if repeats:
+            out.append(f"{kind} {n} repeats {', '.join(map(str, repeats))}")
+    return out[:limit] if len(out) <= limit else [*out[:limit], f"and {len(out) - limit} more"]
+
+
 def cells(draft: str) -> str:
     """A draft canvas as 81 display cells: a digit 1-9 stays, anything else is `.`."""
     text = draft if len(draft) == 81 else "".join(draft.split())  # tolerate a spaced-out decode
@@ -73,4 +98,21 @@ def cells(draft: str) -> str:
     return "".join(ch if ch in DIGITS else "." for ch in text)
 
 
-__all__ = ["EXAMPLE_PUZZLE", "EXAMPLE_SOLUTION", "cells", "is_valid_solution", "normalize_puzzle"]
+def canvas_cells(puzzle: str, text: str, token_ids: Sequence[int] | None = None) -> str:
+    """The 81 cells a Sudoku canvas holds (a digit 1-9, or `.`), from its text when that has 81 characters;
+    otherwise (a decode that dropped special tokens) from its token ids, each digit's id learnt from the
+    givens of `puzzle` (normalized, `0` blank), which the template clamps."""
+    if len(text) == 81 or not token_ids:
+        return cells(text)
+    digit_of = {tok: g for g, tok in zip(puzzle, token_ids, strict=False) if g != "0"}
+    return "".join(digit_of.get(tok, ".") for tok in token_ids[:81]).ljust(81, ".")
+
+
+def draft_grid(puzzle: str, text: str, token_ids: Sequence[int] | None = None) -> str:
+    """The grid to show for a streamed step: the givens of `puzzle`, the draft's cells elsewhere."""
+    draft = canvas_cells(puzzle, text, token_ids)
+    return "".join(p if p != "0" else d for p, d in zip(puzzle, draft, strict=True))
+
+
+__all__ = ["EXAMPLE_PUZZLE", "EXAMPLE_SOLUTION", "canvas_cells", "cells", "draft_grid", "is_valid_solution",
+           "normalize_puzzle", "problems"]

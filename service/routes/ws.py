@@ -12,21 +12,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Literal
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from dgserve import contract
 from service.broker import REDIS_DOWN, Overloaded
 from service.deps import Gateway, GatewayDep, key_is_valid, websocket_key
 from service.jobs import build_job
+from service.routes.sudoku import SudokuRequest, solve, submit_all, sudoku_jobs
 from service.schemas import WsCancel, WsGenerate
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+
+
+class WsSudoku(SudokuRequest):
+    type: Literal["sudoku"]
+    ref: str | None = Field(None, max_length=128)
+
+
+async def _never() -> bool:
+    return False
 
 
 def describe(errors) -> str:
@@ -79,12 +90,43 @@ class Session:
         gw.metrics.accepted.labels(job.model).inc()
         self.tasks[rid] = asyncio.create_task(self.forward(rid))
 
+    async def sudoku(self, data: dict) -> None:
+        """A Sudoku: every attempt streams as a request of its own, then one `sudoku_result` event."""
+        ref = data.get("ref")
+        try:
+            body = WsSudoku.model_validate(data)
+            jobs = await run_in_threadpool(sudoku_jobs, self.gateway, body)
+        except ValidationError as exc:
+            return await self.problem("validation_error", describe(exc.errors()), ref=ref)
+        except RequestValidationError as exc:
+            return await self.problem("validation_error", describe(exc.errors()), ref=ref)
+        try:
+            await submit_all(self.gateway, jobs, body.ref)
+        except Overloaded as exc:
+            self.gateway.metrics.rejected.labels("overloaded").inc()
+            return await self.problem("overloaded", str(exc), ref=ref, retry_after=self.gateway.settings.retry_after_s)
+        for job in jobs:
+            self.tasks[job.request_id] = asyncio.create_task(self.forward(job.request_id))
+        self.tasks[f"sudoku:{jobs[0].request_id}"] = asyncio.create_task(self.sudoku_result(body, jobs))
+
+    async def sudoku_result(self, body: WsSudoku, jobs) -> None:
+        try:
+            result = await solve(self.gateway, body, jobs, _never)
+            if isinstance(result, contract.Error):
+                await self.send(result.model_dump_json())
+            else:
+                await self.send(json.dumps({"type": "sudoku_result", "ref": body.ref, **result.model_dump()}))
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            self.tasks.pop(f"sudoku:{jobs[0].request_id}", None)
+
     async def cancel(self, data: dict) -> None:
         try:
             msg = WsCancel.model_validate(data)
         except ValidationError as exc:
             return await self.problem("validation_error", describe(exc.errors()))
-        targets = [msg.request_id] if msg.request_id else list(self.tasks)
+        targets = [msg.request_id] if msg.request_id else [t for t in self.tasks if not t.startswith("sudoku:")]
         for rid in targets:
             if rid not in self.tasks:
                 await self.problem("unknown_request", f"no open request {rid!r} on this connection", rid)
@@ -93,10 +135,11 @@ class Session:
 
     async def close(self) -> None:
         for rid, task in list(self.tasks.items()):
-            try:
-                await self.gateway.broker.cancel(rid)
-            except REDIS_DOWN:
-                pass
+            if not rid.startswith("sudoku:"):
+                try:
+                    await self.gateway.broker.cancel(rid)
+                except REDIS_DOWN:
+                    pass
             task.cancel()
 
 
@@ -142,8 +185,11 @@ async def ws_generate(ws: WebSocket, gateway: GatewayDep):
                 await session.generate(data)
             elif kind == "cancel":
                 await session.cancel(data)
+            elif kind == "sudoku":
+                await session.sudoku(data)
             else:
-                await session.problem("invalid_message", f"unknown message type {kind!r}; use generate or cancel")
+                await session.problem("invalid_message",
+                                      f"unknown message type {kind!r}; use generate, sudoku or cancel")
     except WebSocketDisconnect:
         pass
     except REDIS_DOWN:
