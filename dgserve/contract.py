@@ -113,10 +113,13 @@ class Step(_Model):
     request_id: str
     canvas: int
     step: int
-    draft_ids: list[int]
-    draft_text: str
-    accepted: int
+    draft_ids: list[int]  # the argmax draft of every canvas position
+    draft_text: str  # the draft decoded as a whole
+    draft_tokens: list[str] = []  # each position's token, decoded alone (for per-position views)
+    accepted: int  # positions kept (not renoised) at this step
+    accepted_mask: list[int] = []  # 1 where a position was kept
     mean_entropy: float
+    entropy: list[float] = []  # per position, rounded to 4 decimals
 
 
 class Canvas(_Model):

@@ -67,6 +67,10 @@ async def test_websocket_streams_every_step_and_canvases_add_up(service):
     for s in steps:
         assert len(s["draft_ids"]) == 32 and isinstance(s["draft_text"], str)
         assert 1 <= s["accepted"] <= 32 and s["mean_entropy"] >= 0
+        # per-position views: each position's token text, whether it was kept, its entropy
+        assert len(s["draft_tokens"]) == len(s["accepted_mask"]) == len(s["entropy"]) == 32
+        assert sum(s["accepted_mask"]) == s["accepted"]
+        assert abs(sum(s["entropy"]) / 32 - s["mean_entropy"]) < 1e-3
     # the last step of each canvas drafted what the canvas committed
     for c in canvases:
         last = [s for s in steps if s["canvas"] == c["canvas"]][-1]

@@ -477,9 +477,10 @@ class Engine:
             torch.tensor([p.confidence_threshold for p in params], **f32),
         )
 
-        # one transfer of what the events need
+        # what the events need, to the host
         draft_cpu = draft.cpu().tolist()
-        accepted_cpu = accepted.sum(-1).cpu().tolist()
+        mask_cpu = accepted.cpu().tolist()
+        token_entropy_cpu = entropy.cpu().tolist()
         entropy_cpu = mean_entropy.cpu().tolist()
         run_cpu = run.cpu().tolist()
         stop_cpu = stop.cpu().tolist()
@@ -497,7 +498,7 @@ class Engine:
             row.prev_draft = draft[i]
             row.soft = next_soft[i]
             events.append(StepEvent(row.req.request_id, row.canvas_index, row.step_in_canvas, draft_cpu[i],
-                                    int(accepted_cpu[i]), float(entropy_cpu[i])))
+                                    sum(mask_cpu[i]), float(entropy_cpu[i]), mask_cpu[i], token_entropy_cpu[i]))
             if stop_cpu[i] or row.step_in_canvas >= row.req.params.max_denoising_steps:
                 if self._commit(row, draft_cpu[i], events):
                     finished.append(row)

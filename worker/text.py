@@ -24,6 +24,14 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._streams: dict[str, _Stream] = {}
+        self._pieces: dict[int, str] = {}  # token id -> its text alone, filled as ids are seen
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        missing = sorted({i for i in ids if i not in self._pieces})
+        if missing:
+            texts = self.tokenizer.batch_decode([[i] for i in missing], skip_special_tokens=False)
+            self._pieces.update(zip(missing, texts, strict=True))
+        return [self._pieces[i] for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -45,7 +53,9 @@ class Detokenizer:
             return contract.Step(
                 request_id=event.request_id, canvas=event.canvas, step=event.step,
                 draft_ids=event.draft_ids, draft_text=self.decode(event.draft_ids),
-                accepted=event.accepted, mean_entropy=event.mean_entropy,
+                draft_tokens=self.pieces(event.draft_ids), accepted=event.accepted,
+                accepted_mask=[int(a) for a in event.accepted_mask], mean_entropy=event.mean_entropy,
+                entropy=[round(h, 4) for h in event.entropy],
             )
         if isinstance(event, CanvasEvent):
             stream = self._streams.setdefault(event.request_id, _Stream())

@@ -35,6 +35,8 @@ class StepEvent:
     draft_ids: list[int]  # argmax draft of the whole canvas
     accepted: int  # positions accepted (not renoised) at this step
     mean_entropy: float
+    accepted_mask: list[bool] = field(default_factory=list)  # per position
+    entropy: list[float] = field(default_factory=list)  # per position, of the temperature-scaled distribution
     type: str = field(default="step", init=False)
 
 
