@@ -74,20 +74,21 @@ def test_tokens_match_reference_generate_for_the_same_seed(model, tiny_model, mo
     """`static` is the CUDA-graph path (fixed bucket shapes, full-capacity masked attention) run eagerly."""
     tokenizer = tiny_model[1]
     for req in mixed_requests(tokenizer):
-        done, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode=mode)), [req])
+        done, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode=mode, sampler="exact")), [req])
         assert done[req.request_id].token_ids == reference(model, req.prompt_ids, req.params), req.request_id
 
 
-@pytest.mark.parametrize("mode", ["eager", "static"])
-def test_batching_does_not_change_results(model, tiny_model, mode):
+@pytest.mark.parametrize("mode, sampler_mode", [("eager", "exact"), ("static", "exact"), ("eager", "fast")])
+def test_batching_does_not_change_results(model, tiny_model, mode, sampler_mode):
     """Rows with different prompt lengths, parameters and canvas counts share every forward, and each
     gets exactly the tokens it gets alone (CPU float32: exact). With `static`, 3 rows run padded in a
     bucket of 4."""
     reqs = mixed_requests(tiny_model[1])
-    together, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode=mode)), reqs)
+    config = dict(max_batch=4, max_context=512, sampler=sampler_mode)
+    together, _ = run(Engine(model, EngineConfig(decode_mode=mode, **config)), reqs)
     canvases = set()
     for req in reqs:
-        alone, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512)), [req])
+        alone, _ = run(Engine(model, EngineConfig(**config)), [req])
         assert together[req.request_id].token_ids == alone[req.request_id].token_ids, req.request_id
         canvases.add(together[req.request_id].canvases)
     assert len(canvases) > 1  # the batch really mixed rows at different canvas counts
@@ -95,7 +96,7 @@ def test_batching_does_not_change_results(model, tiny_model, mode):
 
 def test_a_late_arrival_joins_a_running_batch_and_finishes_correctly(model, tiny_model):
     first, late = mixed_requests(tiny_model[1])[1], mixed_requests(tiny_model[1])[3]
-    engine = Engine(model, EngineConfig(max_batch=4, max_context=512))
+    engine = Engine(model, EngineConfig(max_batch=4, max_context=512, sampler="exact"))
     seen_together = []
     engine.add(first)
     done = {}

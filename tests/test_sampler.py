@@ -96,3 +96,13 @@ def test_template_clamp():
     fixed = torch.tensor([[False, True, False]])
     ids = torch.tensor([[0, 9, 0]])
     assert sampler.clamp_template(canvas, fixed, ids).tolist() == [[1, 9, 3]]
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).expand(1, 4000, 4).contiguous()
+    draws = sampler.sample_rows_inverse_cdf(probs, [torch.Generator().manual_seed(0)])
+    freq = torch.bincount(draws[0], minlength=4).float() / 4000
+    assert torch.allclose(freq, probs[0, 0], atol=0.03), freq
+    # zero-probability tokens are never drawn, even at the edges
+    edge = torch.tensor([0.0, 1.0, 0.0]).expand(1, 500, 3).contiguous()
+    assert (sampler.sample_rows_inverse_cdf(edge, [torch.Generator().manual_seed(1)]) == 1).all()

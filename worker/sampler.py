@@ -56,6 +56,19 @@ def sample_rows(probs: torch.Tensor, generators: Sequence[torch.Generator | None
     return torch.stack(rows)
 
 
+def sample_rows_inverse_cdf(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """The same distribution as `sample_rows`, by inverting each position's CDF at one uniform draw.
+
+    Several times faster than torch.multinomial on a CPU; the draws differ from the reference's, so a
+    seed gives other (equally distributed) tokens. probs (B, L, V) -> (B, L).
+    """
+    B, L, V = probs.shape
+    u = torch.stack([torch.rand(L, generator=g, device=probs.device) for g in generators])  # (B, L)
+    cdf = probs.cumsum(dim=-1)  # (B, L, V)
+    picked = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None]).squeeze(-1)
+    return picked.clamp_max(V - 1)
+
+
 def uniform_tokens(
     shape_per_row: tuple[int, ...], vocab_size: int, generators: Sequence[torch.Generator | None], device
 ) -> torch.Tensor:
