@@ -280,3 +280,25 @@ for i = 3, #ARGV do
 end
 return lost
 """
+
+# A worker takes a job: skip it if it already ended, end it if it was cancelled while queued, else mark it
+# running here. Atomic against the gateway's queue timeout (TIMEOUT_LUA).
+# KEYS: request hash. ARGV: worker id. Returns {verdict, attempts}: run | cancel | skip.
+TAKE_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'done' or status == 'error' or status == 'cancelled' then return {'skip', 0} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if redis.call('HGET', KEYS[1], 'status_requested') == 'cancel' then return {'cancel', attempts} end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+return {'run', attempts}
+"""
+
+# The gateway ends a request that is still queued past its deadline (no worker took it in time).
+# KEYS: request hash, events stream. ARGV: the error event, events ttl. Returns 1 if it ended it.
+TIMEOUT_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'error')
+redis.call('XADD', KEYS[2], '*', 'e', ARGV[1])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+return 1
+"""

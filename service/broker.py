@@ -31,6 +31,7 @@ class Broker:
                                                 max_connections=max_connections)
         self._submit = self.redis.register_script(contract.SUBMIT_LUA)
         self._waiting = self.redis.register_script(contract.WAITING_LUA)
+        self._timeout = self.redis.register_script(contract.TIMEOUT_LUA)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -97,6 +98,13 @@ class Broker:
                     yield last_id, event
                     if event.type in contract.FINAL_TYPES:
                         return
+
+    async def expire_if_queued(self, request_id: str) -> bool:
+        """End a request that no worker took before its deadline (a `timeout` error event)."""
+        event = contract.Error(request_id=request_id, code="timeout",
+                               message="no worker took the request before its deadline")
+        return bool(await self._timeout(keys=[contract.request_key(request_id), contract.events_key(request_id)],
+                                        args=[contract.encode(event), contract.EVENTS_TTL_S]))
 
     async def cancel(self, request_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)

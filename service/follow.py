@@ -14,9 +14,10 @@ from service.deps import Gateway
 ERROR_STATUS = {"cancelled": 499, "timeout": 504, "too_long": 422, "overloaded": 429}
 
 
-async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Callable[[], Awaitable[bool]]
-                     ) -> contract.Done | contract.Error:
-    """Follow the request's events to its final one; a client that disconnects cancels the request."""
+async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Callable[[], Awaitable[bool]],
+                     deadline: float | None = None) -> contract.Done | contract.Error:
+    """Follow the request's events to its final one; a client that disconnects cancels the request; a
+    request still queued at its deadline ends with a `timeout` error."""
     started = time.monotonic()
     first_step = False
 
@@ -35,6 +36,7 @@ async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Calla
             await asyncio.sleep(0.25)
 
     reader, watcher = asyncio.create_task(read()), asyncio.create_task(watch())
+    expiry = asyncio.create_task(expire_at(gateway, rid, deadline))
     try:
         done, _ = await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if reader in done:
@@ -46,8 +48,16 @@ async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Calla
         gateway.metrics.finished.labels(model, "client_disconnected").inc()
         return contract.Error(request_id=rid, code="cancelled", message="client disconnected")
     finally:
-        for task in (reader, watcher):
+        for task in (reader, watcher, expiry):
             task.cancel()
+
+
+async def expire_at(gateway: Gateway, rid: str, deadline: float | None) -> None:
+    """At the deadline, end the request if it is still queued (its reader then sees a `timeout` error)."""
+    if deadline is None:
+        return
+    await asyncio.sleep(max(0.0, deadline - time.time()))
+    await gateway.broker.expire_if_queued(rid)
 
 
 def error_response(err: contract.Error) -> JSONResponse:

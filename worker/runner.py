@@ -72,6 +72,7 @@ class Runner:
 
         self._publish = self.redis.register_script(contract.PUBLISH_LUA)
         self._renew = self.redis.register_script(contract.RENEW_LUA)
+        self._take_script = self.redis.register_script(contract.TAKE_LUA)
         self.inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self.outbox: queue.Queue[list[EngineEvent] | None] = queue.Queue()
         self.held: dict[str, _Held] = {}
@@ -225,13 +226,12 @@ class Runner:
             self.redis.xack(self.stream, contract.GROUP, entry_id)
             return
         rid = job.request_id
-        key = contract.request_key(rid)
-        attempt = self.redis.hincrby(key, "attempts", 1)
-        status, requested = (v.decode() if v else "" for v in self.redis.hmget(key, "status", "status_requested"))
-        if status in ("done", "error", "cancelled"):
+        verdict, attempt = self._take_script(keys=[contract.request_key(rid)], args=[self.worker_id])
+        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+        if verdict == "skip":  # it already ended (timed out, cancelled, or finished by a previous owner)
             self.redis.xack(self.stream, contract.GROUP, entry_id)
             return
-        if requested == "cancel":  # cancelled while it waited in the queue
+        if verdict == "cancel":  # cancelled while it waited in the queue
             self._fail(job, entry_id, "cancelled", "request cancelled")
             return
         if attempt > self.max_attempts:
@@ -239,15 +239,12 @@ class Runner:
                        f"request failed on {attempt - 1} workers (max_attempts {self.max_attempts})",
                        deadletter=True)
             return
-        if job.deadline is not None and time.time() > job.deadline:
+        if attempt == 1 and job.deadline is not None and time.time() > job.deadline:
             self._fail(job, entry_id, "timeout", "request waited in the queue past its deadline")
             return
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping={"status": "running", "worker": self.worker_id})
         if attempt > 1:
-            pipe.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(
+            self.redis.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(
                 contract.Restarted(request_id=rid, attempt=int(attempt)))})
-        pipe.execute()
         with self.held_lock:
             self.held[rid] = _Held(job, entry_id)
         self.observe("admitted", job)

@@ -33,7 +33,7 @@ async def generate(
     job = await run_in_threadpool(build_job, gateway.registry, gateway.settings, body)
     rid = await gateway.broker.submit(job, None, gateway.settings.max_queue_depth, idempotency_key)
     gateway.metrics.accepted.labels(job.model).inc()
-    final = await wait_final(gateway, rid, job.model, request.is_disconnected)
+    final = await wait_final(gateway, rid, job.model, request.is_disconnected, job.deadline)
     if final.type == "error":
         return error_response(final)
     return GenerateResponse(request_id=rid, model=job.model, text=final.text, token_ids=final.token_ids,

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from dgserve import contract
 from service.broker import Overloaded
 from service.deps import ApiKey, Gateway, GatewayDep
-from service.follow import wait_final
+from service.follow import expire_at, wait_final
 from service.jobs import build_job
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
 from service.schemas import GenerateRequest
@@ -122,7 +122,7 @@ def _raise_error(final: contract.Error) -> None:
 
 
 async def _complete(request: Request, gateway: Gateway, jobs: list[contract.Job]) -> list[contract.Done]:
-    finals = await asyncio.gather(*(wait_final(gateway, j.request_id, j.model, request.is_disconnected)
+    finals = await asyncio.gather(*(wait_final(gateway, j.request_id, j.model, request.is_disconnected, j.deadline)
                                     for j in jobs))
     for final in finals:
         if final.type == "error":
@@ -135,10 +135,12 @@ async def _events(gateway: Gateway, jobs: list[contract.Job]) -> AsyncIterator[t
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, job: contract.Job) -> None:
+        expiry = asyncio.create_task(expire_at(gateway, job.request_id, job.deadline))
         try:
             async for _, event in gateway.broker.events(job.request_id):
                 await queue.put((index, event))
         finally:
+            expiry.cancel()
             await queue.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]

@@ -96,7 +96,7 @@ async def solve(gateway: Gateway, body: SudokuRequest, jobs: list[contract.Job],
     fewest problems)."""
 
     async def attempt(i: int, job: contract.Job):
-        return i, await wait_final(gateway, job.request_id, job.model, disconnected)
+        return i, await wait_final(gateway, job.request_id, job.model, disconnected, job.deadline)
 
     tasks = [asyncio.create_task(attempt(i, j)) for i, j in enumerate(jobs)]
     best: tuple[int, int, contract.Done] | None = None  # (problems, attempt, final)

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError
 from dgserve import contract
 from service.broker import REDIS_DOWN, Overloaded
 from service.deps import Gateway, GatewayDep, key_is_valid, websocket_key
+from service.follow import expire_at
 from service.jobs import build_job
 from service.routes.sudoku import SudokuRequest, solve, submit_all, sudoku_jobs
 from service.schemas import WsCancel, WsGenerate
@@ -59,13 +60,15 @@ class Session:
         await self.send(json.dumps({"type": "error", "request_id": request_id, "code": code, "message": message,
                                     **extra}))
 
-    async def forward(self, rid: str) -> None:
+    async def forward(self, rid: str, deadline: float | None) -> None:
+        expiry = asyncio.create_task(expire_at(self.gateway, rid, deadline))
         try:
             async for _, event in self.gateway.broker.events(rid):
                 await self.send(event.model_dump_json())
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client left; `close` cancels what is still open
         finally:
+            expiry.cancel()
             self.tasks.pop(rid, None)
 
     async def generate(self, data: dict) -> None:
@@ -88,7 +91,7 @@ class Session:
             return await self.problem("unavailable", "queue unavailable, retry later", ref=body.ref,
                                       retry_after=gw.settings.retry_after_s)
         gw.metrics.accepted.labels(job.model).inc()
-        self.tasks[rid] = asyncio.create_task(self.forward(rid))
+        self.tasks[rid] = asyncio.create_task(self.forward(rid, job.deadline))
 
     async def sudoku(self, data: dict) -> None:
         """A Sudoku: every attempt streams as a request of its own, then one `sudoku_result` event."""
@@ -106,7 +109,7 @@ class Session:
             self.gateway.metrics.rejected.labels("overloaded").inc()
             return await self.problem("overloaded", str(exc), ref=ref, retry_after=self.gateway.settings.retry_after_s)
         for job in jobs:
-            self.tasks[job.request_id] = asyncio.create_task(self.forward(job.request_id))
+            self.tasks[job.request_id] = asyncio.create_task(self.forward(job.request_id, job.deadline))
         self.tasks[f"sudoku:{jobs[0].request_id}"] = asyncio.create_task(self.sudoku_result(body, jobs))
 
     async def sudoku_result(self, body: WsSudoku, jobs) -> None:
