@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+_SECRET = re.compile(r"(api_key=|token=|authorization: ?bearer )[^\s&\"']+", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """API keys never reach a log line (uvicorn logs WebSocket URLs with their query string)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _SECRET.search(message):
+            record.msg, record.args = _SECRET.sub(r"\1[redacted]", message), ()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,6 +37,7 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(level: str = "INFO", as_json: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactSecrets())
     handler.setFormatter(JsonFormatter() if as_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

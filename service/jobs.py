@@ -30,9 +30,11 @@ def resolve_model(registry: Registry, name: str | None) -> ServedModel:
 
 def sampling(model: ServedModel, fields: SamplingFields, settings: GatewaySettings) -> contract.Sampling:
     values = {k: (v if (v := getattr(fields, k)) is not None else model.defaults[k]) for k in model.defaults}
-    if values["max_new_tokens"] > settings.max_new_tokens:
-        raise field_error("max_new_tokens", f"Input should be less than or equal to {settings.max_new_tokens}",
-                          values["max_new_tokens"], "less_than_equal", le=settings.max_new_tokens)
+    for name in ("max_new_tokens", "max_denoising_steps"):  # deployment limits
+        limit = getattr(settings, name)
+        if values[name] > limit:
+            raise field_error(name, f"Input should be less than or equal to {limit}", values[name],
+                              "less_than_equal", le=limit)
     if values["t_max"] <= values["t_min"]:
         raise field_error("t_max", f"t_max ({values['t_max']}) must be greater than t_min ({values['t_min']})",
                           values["t_max"])

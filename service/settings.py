@@ -28,6 +28,7 @@ class GatewaySettings(BaseSettings):
 
     max_prompt_tokens: int = Field(4096, ge=1)
     max_new_tokens: int = Field(4096, ge=1)
+    max_denoising_steps: int = Field(1000, ge=1)  # an operator's cap on a request's steps per canvas
     max_queue_depth: int = Field(256, ge=1)  # requests waiting per model before 429
     request_timeout_s: float = Field(600.0, gt=0)  # a request still queued after this ends with a timeout
     max_body_bytes: int = Field(1_000_000, ge=1024)

@@ -98,6 +98,17 @@ class Service:
         self.workers.append(worker)
         return worker
 
+    def wait_gateway(self, timeout: float = 60.0) -> None:
+        """The gateway answers (whatever the workers)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if _get(self.url + "/healthz")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("gateway not answering:\n" + (self.gateway.log()[-3000:] if self.gateway else ""))
+
     def wait_ready(self, timeout: float = 120.0, models: list[str] | None = None) -> None:
         models = models or list(self.models)
         deadline = time.monotonic() + timeout

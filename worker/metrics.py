@@ -97,16 +97,13 @@ class WorkerMetrics:
             else:
                 self.failure.labels(m, ev.code).inc()
 
-    def step(self, seconds: float, rows: int, pending: int) -> None:
+    def step(self, seconds: float, rows: int, running: int, pending: int) -> None:
+        """After a batched step of `rows` rows: `running` rows remain, `pending` wait to join."""
         m = self.model
         self.step_time.labels(m).observe(seconds)
         self.batch_size.labels(m).observe(rows)
-        self.running.labels(m).set(rows)
+        self.running.labels(m).set(running)
         self.waiting.labels(m).set(pending)
-
-    def idle(self, pending: int) -> None:
-        self.running.labels(self.model).set(0)
-        self.waiting.labels(self.model).set(pending)
 
 
 def serve_http(host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):

@@ -55,7 +55,7 @@ class Runner:
         lease_ms: int = 30_000,
         max_attempts: int = 3,
         observer: Callable[[str, object], None] | None = None,
-        on_step: Callable[[float, int, int], None] | None = None,
+        on_step: Callable[[float, int, int, int], None] | None = None,
     ):
         self.engine = engine
         self.detok = Detokenizer(tokenizer)
@@ -68,7 +68,7 @@ class Runner:
         self.lease_ms = lease_ms
         self.max_attempts = max_attempts
         self.observe = observer or (lambda kind, payload: None)
-        self.on_step = on_step or (lambda seconds, rows, pending: None)
+        self.on_step = on_step or (lambda seconds, rows, running, pending: None)
 
         self._publish = self.redis.register_script(contract.PUBLISH_LUA)
         self._renew = self.redis.register_script(contract.RENEW_LUA)
@@ -133,7 +133,8 @@ class Runner:
                 events = self.engine.step()
                 if events:
                     self.outbox.put(events)
-                self.on_step(time.perf_counter() - started, max(rows, self.engine.active), len(self.engine.pending))
+                self.on_step(time.perf_counter() - started, max(rows, self.engine.active), self.engine.active,
+                             len(self.engine.pending))
         self.outbox.put(None)
         for t in self._threads:
             if t.name == "_publish_loop":

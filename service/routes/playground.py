@@ -45,7 +45,7 @@ def _files() -> dict[str, Path]:
 FILES = _files()
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def page() -> FileResponse:
     index = FILES.get("index.html")
     if index is None:
@@ -53,7 +53,7 @@ async def page() -> FileResponse:
     return FileResponse(index, media_type=MEDIA_TYPES[".html"], headers=PAGE_HEADERS)
 
 
-@router.get("/static/{name}", include_in_schema=False)
+@router.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
 async def static_file(name: str) -> FileResponse:
     path = FILES.get(name)
     if path is None:

@@ -198,7 +198,9 @@ function setupTabs() {
       if (next) { e.preventDefault(); select(next, true); }
     });
   });
-  select(location.hash === "#sudoku" ? tabs[1] : tabs[0], false);
+  const fromHash = () => select(location.hash === "#sudoku" ? tabs[1] : tabs[0], false);
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
 }
 
 // ───────────────────────────────────────────────────────────── text mode
@@ -539,7 +541,7 @@ class SudokuRun {
     this.seed = body.seed ?? null;
     this.attempts = [];        // in attempt order
     this.byRid = new Map();
-    this.result = null;
+    this.outcome = null;
     this.error = null;
     this.ended = false;
     this.cancelWanted = false;
@@ -590,12 +592,12 @@ class SudokuRun {
         if (event.code === "unknown_request") return;
         if (a.state === "done" || a.state === "stopped" || a.state === "failed") {
           // the run's own final error (every attempt failed): it repeats an attempt's error
-          if (!this.result) this.fail(event.code, describeError(event));
+          if (!this.outcome) this.fail(event.code, describeError(event));
           return;
         }
         a.state = event.code === "cancelled" ? "stopped" : "failed";
         a.error = event;
-        if (!this.result && this.attempts.length === this.wanted
+        if (!this.outcome && this.attempts.length === this.wanted
             && this.attempts.every((x) => x.state === "stopped" || x.state === "failed")) {
           this.fail(event.code, describeError(event));
           return;
@@ -608,7 +610,7 @@ class SudokuRun {
   }
 
   result(event) {
-    this.result = event;
+    this.outcome = event;
     if (!this.ended) {
       this.ended = true;
       this.elapsed = performance.now() - this.started;
@@ -654,7 +656,7 @@ class SudokuRun {
   // to a solution right now.
   shown() {
     if (this.focus && this.byRid.has(this.focus)) return this.byRid.get(this.focus);
-    if (this.result && this.byRid.has(this.result.request_id)) return this.byRid.get(this.result.request_id);
+    if (this.outcome && this.byRid.has(this.outcome.request_id)) return this.byRid.get(this.outcome.request_id);
     let best = null, bestScore = Infinity;
     for (const a of this.attempts) {
       const last = a.history[a.history.length - 1];
@@ -776,7 +778,7 @@ function drawSudoku(el, puzzle, grid, { prev = null, mask = null, mini = false }
 
 function attemptLabel(run, a) {
   const last = a.history[a.history.length - 1];
-  const chosen = run.result && run.result.request_id === a.rid;
+  const chosen = run.outcome && run.outcome.request_id === a.rid;
   let state;
   if (a.state === "done") {
     const grid = a.grid || last?.grid;
@@ -787,7 +789,11 @@ function attemptLabel(run, a) {
   else if (a.state === "queued") state = "queued";
   else state = "denoising";
   const step = last ? `step ${last.step}` : "no step yet";
-  return { short: `#${a.n}${chosen ? " ★" : ""}`, long: `Attempt ${a.n} (seed ${a.seed}): ${step}, ${state}${chosen ? ", chosen" : ""}` };
+  let brief = { done: "finished", stopped: "stopped", failed: "failed", queued: "", running: "running" }[a.state] ?? "";
+  if (a.state === "done") brief = state.startsWith("complete") ? "complete" : "has errors";
+  if (chosen) brief = "chosen";
+  return { short: `#${a.n}${chosen ? " ★" : ""}`, state: brief,
+           long: `Attempt ${a.n} (seed ${a.seed}): ${step}, ${state}${chosen ? ", chosen" : ""}` };
 }
 
 function renderSudoku() {
@@ -822,12 +828,14 @@ function renderSudoku() {
     const last = a.history[a.history.length - 1];
     drawSudoku(b.children[0], run.puzzle, last ? last.grid : run.puzzle.replace(/0/g, "."), { mini: true });
     const label = attemptLabel(run, a);
-    b.children[1].textContent = `${label.short} · ${last ? last.step : "–"}`;
+    const head = document.createElement("b");
+    head.textContent = label.short;
+    b.children[1].replaceChildren(head, `${last ? `step ${last.step}` : "queued"}`, document.createElement("br"), label.state);
     b.title = label.long;
     b.setAttribute("aria-label", label.long);
     b.setAttribute("aria-pressed", String(a === shown));
     b.dataset.state = a.state;
-    b.classList.toggle("chosen", Boolean(run.result && run.result.request_id === a.rid));
+    b.classList.toggle("chosen", Boolean(run.outcome && run.outcome.request_id === a.rid));
   }
 
   // the main grid: the attempt shown, at the step of the timeline
@@ -844,7 +852,7 @@ function renderSudoku() {
     const prev = run.index > 0 ? hist[run.index - 1].grid : null;
     drawSudoku($("sudoku-grid"), run.puzzle, entry.grid, { prev, mask: entry.mask });
     const label = attemptLabel(run, shown);
-    $("sudoku-caption").textContent = `Attempt ${shown.n} of ${run.wanted}${run.focus ? "" : run.result ? " (chosen)" : " (leading)"}`
+    $("sudoku-caption").textContent = `Attempt ${shown.n} of ${run.wanted}${run.focus ? "" : run.outcome ? " (chosen)" : " (leading)"}`
       + ` · step ${entry.step}`;
     $("sudoku-timeline-label").textContent = `step ${entry.step} · ${run.index + 1} / ${n}`
       + `${shown.state === "running" ? " (live)" : ""}`;
@@ -859,7 +867,7 @@ function renderSudoku() {
 
 function renderVerdict(run) {
   const v = $("sudoku-verdict");
-  const r = run.result;
+  const r = run.outcome;
   if (!r) {
     v.hidden = true;
     v.dataset.state = "none";
