@@ -7,6 +7,7 @@ threaded HTTP server, off the engine's thread.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from dgserve import contract
 
 P = "dgserve:"
+log = logging.getLogger("dgserve.requests")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 TPF_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -86,10 +88,16 @@ class WorkerMetrics:
             self._canvas_start[rid] = now
         elif ev.type in contract.FINAL_TYPES:
             created = self._created.pop(rid, None)
-            self._first_seen.pop(rid, None)
+            first = self._first_seen.pop(rid, None)
             self._canvas_start.pop(rid, None)
             if created is not None:
                 self.e2e.labels(m).observe(now - created)
+            fields = {"request_id": rid, "model": m, "outcome": ev.type if ev.type == "done" else ev.code,
+                      "e2e_s": round(now - created, 4) if created else None,
+                      "first_step_s": round(first - created, 4) if first and created else None}
+            if ev.type == "done":
+                fields |= {"finish_reason": ev.finish_reason, **ev.usage.model_dump()}
+            log.info("request end %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
             if ev.type == "done":
                 self.success.labels(m, ev.finish_reason).inc()
                 self.generation_tokens.labels(m).inc(ev.usage.completion_tokens)
