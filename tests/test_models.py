@@ -46,7 +46,8 @@ def test_the_sudoku_model_solves_fixed_puzzles_through_the_engine():
     for i, p in enumerate(puzzles):
         template = {j: tok(ch, add_special_tokens=False).input_ids[0] for j, ch in enumerate(p) if ch != "0"}
         engine.add(EngineRequest(f"p{i}", tok(p).input_ids, SamplingParams(
-            max_new_tokens=81, max_denoising_steps=gc.max_denoising_steps, entropy_bound=gc.sampler_config.entropy_bound,
+            max_new_tokens=81, max_denoising_steps=gc.max_denoising_steps,
+            entropy_bound=gc.sampler_config.entropy_bound,
             t_min=gc.t_min, t_max=gc.t_max, stability_threshold=gc.stability_threshold,
             confidence_threshold=gc.confidence_threshold, seed=0), template=template))
     done = {}
