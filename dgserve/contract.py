@@ -160,6 +160,40 @@ _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
 FINAL_TYPES = frozenset({"done", "error"})
 
 
+class RawEvent:
+    """An event as it travels: its JSON, and its type read without parsing the whole of it.
+
+    Relays (the gateway's WebSocket and SSE paths) forward `text` as it is; `parse()` gives the model.
+    """
+
+    __slots__ = ("raw", "type", "_parsed")
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self.type = event_type(raw)
+        self._parsed = None
+
+    @property
+    def text(self) -> str:
+        return self.raw.decode()
+
+    def parse(self) -> Queued | Restarted | Step | Canvas | Done | Error:
+        if self._parsed is None:
+            self._parsed = decode_event(self.raw)
+        return self._parsed
+
+
+_TYPE_PREFIX = b'{"type":"'
+
+
+def event_type(raw: bytes) -> str:
+    """Every event model declares `type` first, so its JSON starts with it."""
+    if raw.startswith(_TYPE_PREFIX):
+        end = raw.find(b'"', len(_TYPE_PREFIX))
+        return raw[len(_TYPE_PREFIX):end].decode()
+    return str(json.loads(raw).get("type"))
+
+
 def encode(model: BaseModel) -> str:
     return model.model_dump_json()
 

@@ -92,13 +92,15 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, models: str | None =
         print(f"redis: using REDIS_URL={redis_url}", flush=True)
 
     env = {**os.environ, "REDIS_URL": redis_url, "DG_MODELS": models, "PYTHONUNBUFFERED": "1"}
-    threads = max(1, (os.cpu_count() or 2) // max(1, len(names) * workers_per_model))
+    # leave a core to the gateway and Redis; spinning OpenMP threads would take it back
+    threads = max(1, ((os.cpu_count() or 2) - 1) // max(1, len(names) * workers_per_model))
     children = [Child("gateway", [sys.executable, "-m", "dgserve", "gateway", "--host", host, "--port", str(port)],
                       env)]
     for item in models.split(","):
         name, path = item.split("=", 1)
         for i in range(workers_per_model):
             wenv = {**env, "DG_MODEL_NAME": name, "DG_MODEL_PATH": str(Path(path)), "DG_DEVICE": "cpu",
+                    "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                     "DG_TORCH_THREADS": str(threads), "DG_METRICS_PORT": str(free_port()),
                     "DG_WORKER_ID": f"{name}-{i}-{os.getpid()}"}
             children.append(Child(f"worker[{name}#{i}]", [sys.executable, "-m", "dgserve", "worker"], wenv))

@@ -78,7 +78,7 @@ class Broker:
         return rid
 
     async def events(self, request_id: str, last_id: str = "0-0", block_ms: int = 5000
-                     ) -> AsyncIterator[tuple[str, contract.BaseModel]]:
+                     ) -> AsyncIterator[tuple[str, contract.RawEvent]]:
         """Every event of a request from `last_id` on, ending after the final one (done/error).
 
         Survives Redis restarts: while Redis is down it waits and resumes from the last id it saw.
@@ -94,7 +94,7 @@ class Broker:
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last_id = entry_id.decode()
-                    event = contract.decode_event(fields[contract.EVENT_FIELD.encode()])
+                    event = contract.RawEvent(fields[contract.EVENT_FIELD.encode()])
                     yield last_id, event
                     if event.type in contract.FINAL_TYPES:
                         return

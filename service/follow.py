@@ -28,7 +28,7 @@ async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Calla
                 first_step = True
                 gateway.metrics.first_step.labels(model).observe(time.monotonic() - started)
             if event.type in contract.FINAL_TYPES:
-                return event  # type: ignore[return-value]
+                return event.parse()  # type: ignore[return-value]
         raise RuntimeError("event stream ended without a final event")
 
     async def watch() -> None:

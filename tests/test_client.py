@@ -213,10 +213,11 @@ async def test_generate_async_and_idempotency(service):
 
 def test_stream_sync_every_step_and_canvases_add_up(service):
     with Client(service.url) as client:
-        with client.stream("In the beginning", max_new_tokens=80, max_denoising_steps=6, seed=7) as stream:
+        # seed 0 draws no EOS in the first canvases of this untrained model: several canvases to add up
+        with client.stream("In the beginning", max_new_tokens=80, max_denoising_steps=6, seed=0) as stream:
             assert stream.request_id is not None  # known once queued, before the first step
             events = list(stream)
-        post = client.generate("In the beginning", max_new_tokens=80, max_denoising_steps=6, seed=7)
+        post = client.generate("In the beginning", max_new_tokens=80, max_denoising_steps=6, seed=0)
     assert isinstance(events[0], Queued) and events[0].request_id == stream.request_id
     assert isinstance(events[-1], Done) and stream.result == events[-1] and stream.error is None
     steps = [e for e in events if isinstance(e, Step)]
@@ -228,7 +229,7 @@ def test_stream_sync_every_step_and_canvases_add_up(service):
     assert all(len(s.draft_ids) == 32 for s in steps)
     assert "".join(c.text for c in canvases) == done.text == stream.text
     assert stream.completion is not None and stream.completion.token_ids == post.token_ids  # same seed, same tokens
-    assert stream.elapsed is not None and stream.elapsed > 0 and stream.model == "tiny" and stream.seed == 7
+    assert stream.elapsed is not None and stream.elapsed > 0 and stream.model == "tiny" and stream.seed == 0
 
 
 async def test_stream_async_filters(service):

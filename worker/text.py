@@ -50,7 +50,7 @@ class Detokenizer:
     def convert(self, event: EngineEvent, final_follows: bool = False) -> contract.BaseModel:
         """One engine event -> one contract event. `final_follows`: the request ends with this canvas."""
         if isinstance(event, StepEvent):
-            return contract.Step(
+            return contract.Step.model_construct(  # built here from trusted values: no validation cost
                 request_id=event.request_id, canvas=event.canvas, step=event.step,
                 draft_ids=event.draft_ids, draft_text=self.decode(event.draft_ids),
                 draft_tokens=self.pieces(event.draft_ids), accepted=event.accepted,

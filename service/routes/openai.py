@@ -130,15 +130,17 @@ async def _complete(request: Request, gateway: Gateway, jobs: list[contract.Job]
     return list(finals)  # type: ignore[arg-type]
 
 
-async def _events(gateway: Gateway, jobs: list[contract.Job]) -> AsyncIterator[tuple[int, contract.BaseModel]]:
-    """The events of n requests, merged, tagged with their choice index."""
+async def _events(gateway: Gateway, jobs: list[contract.Job], body_diffusing: bool
+                  ) -> AsyncIterator[tuple[int, contract.BaseModel]]:
+    """The events of n requests, merged, tagged with their choice index (steps only when diffusing)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, job: contract.Job) -> None:
         expiry = asyncio.create_task(expire_at(gateway, job.request_id, job.deadline))
         try:
-            async for _, event in gateway.broker.events(job.request_id):
-                await queue.put((index, event))
+            async for _, raw in gateway.broker.events(job.request_id):
+                if raw.type != "step" or body_diffusing:  # plain streams skip parsing every step
+                    await queue.put((index, raw.parse()))
         finally:
             expiry.cancel()
             await queue.put((index, None))
@@ -187,7 +189,7 @@ def _stream(gateway: Gateway, jobs: list[contract.Job], body, chat: bool) -> Str
             if chat:
                 for i in range(len(jobs)):
                     yield _sse(chunk(i, "", first=True))
-            async for index, event in _events(gateway, jobs):
+            async for index, event in _events(gateway, jobs, body.diffusing):
                 if event.type == "restarted":
                     committed[index] = ""
                     if body.diffusing:

@@ -64,7 +64,7 @@ class Session:
         expiry = asyncio.create_task(expire_at(self.gateway, rid, deadline))
         try:
             async for _, event in self.gateway.broker.events(rid):
-                await self.send(event.model_dump_json())
+                await self.send(event.text)  # relayed as the worker wrote it
         except (WebSocketDisconnect, RuntimeError):
             pass  # the client left; `close` cancels what is still open
         finally:

@@ -50,6 +50,7 @@ function showBanner(message) {
 
 function setStatus(el, state, text) {
   el.dataset.state = state;
+  delete el.dataset.valid;
   el.textContent = text;
 }
 
@@ -273,7 +274,7 @@ class TextRun {
       `Done: ${u.completion_tokens} tokens in ${u.denoising_steps} steps (${u.canvases} canvas${u.canvases === 1 ? "" : "es"}), `
       + `finish_reason ${d.finish_reason}, ${seconds(this.elapsed)}.`);
     textIdle();
-    schedule("text");
+    renderText();
   }
 
   fail(code, message) {
@@ -289,7 +290,7 @@ class TextRun {
       showError($("text-error"), message);
     }
     textIdle();
-    schedule("text");
+    renderText();
   }
 
   cancel() {
@@ -624,8 +625,9 @@ class SudokuRun {
       setStatus($("sudoku-status"), "done",
         `Done: ${verdict}, attempt ${event.attempt + 1} of ${event.attempts}, ${seconds(this.elapsed)}.`);
     }
+    $("sudoku-status").dataset.valid = event.valid ? "yes" : "no";
     sudokuIdle();
-    schedule("sudoku");
+    renderSudoku();
   }
 
   fail(code, message) {
@@ -640,7 +642,7 @@ class SudokuRun {
       showError($("sudoku-error"), message);
     }
     sudokuIdle();
-    schedule("sudoku");
+    renderSudoku();
   }
 
   cancel() {
@@ -732,6 +734,7 @@ function resetSudokuView() {
   $("sudoku-attempts").replaceChildren();
   $("sudoku-verdict").hidden = true;
   $("sudoku-verdict").dataset.state = "none";
+  renderInfo(null, null, null);
   $("sudoku-timeline").disabled = true;
   $("sudoku-timeline").max = "0";
   $("sudoku-timeline-label").textContent = "no steps yet";
@@ -859,10 +862,28 @@ function renderSudoku() {
     $("sudoku-grid").setAttribute("aria-label", `${label.long}. Grid at step ${entry.step}: ${entry.grid}`);
   } else {
     drawSudoku($("sudoku-grid"), run.puzzle, run.puzzle.replace(/0/g, "."), {});
+    $("sudoku-grid").setAttribute("aria-label", "Sudoku grid: the puzzle");
     $("sudoku-caption").textContent = run.ended ? "The puzzle" : "The puzzle (waiting for the first step)";
     $("sudoku-timeline-label").textContent = "no steps yet";
   }
+  renderInfo(run, shown, entry);
   renderVerdict(run);
+}
+
+function renderInfo(run, a, entry) {
+  const set = (id, text) => { $(`sudoku-info-${id}`).textContent = text; };
+  if (!a) {
+    for (const id of ["attempt", "seed", "step", "accepted", "entropy", "blank", "clash", "state"]) set(id, "–");
+    return;
+  }
+  set("attempt", `${a.n} of ${run.wanted}`);
+  set("seed", String(a.seed));
+  set("step", entry ? String(entry.step) : "–");
+  set("accepted", entry ? `${entry.accepted} / 81` : "–");
+  set("entropy", entry ? fmt(entry.meanEntropy) : "–");
+  set("blank", entry ? String([...entry.grid].filter((c) => c === ".").length) : "–");
+  set("clash", entry ? String(clashes(entry.grid).size) : "–");
+  set("state", attemptLabel(run, a).state || a.state);
 }
 
 function renderVerdict(run) {
