@@ -74,7 +74,8 @@ def test_tokens_match_reference_generate_for_the_same_seed(model, tiny_model, mo
     """`static` is the CUDA-graph path (fixed bucket shapes, full-capacity masked attention) run eagerly."""
     tokenizer = tiny_model[1]
     for req in mixed_requests(tokenizer):
-        done, _ = run(Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode=mode, sampler="exact")), [req])
+        config = EngineConfig(max_batch=4, max_context=512, decode_mode=mode, sampler="exact")
+        done, _ = run(Engine(model, config), [req])
         assert done[req.request_id].token_ids == reference(model, req.prompt_ids, req.params), req.request_id
 
 
