@@ -22,7 +22,7 @@ from service.broker import REDIS_DOWN, Broker, Overloaded
 from service.deps import Gateway
 from service.metrics import GatewayMetrics
 from service.registry import Registry
-from service.routes import generate, health, openai, sudoku, ws
+from service.routes import generate, health, openai, playground, sudoku, ws
 from service.settings import GatewaySettings
 
 log = logging.getLogger("dgserve.gateway")
@@ -162,4 +162,5 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(openai.router)
     app.include_router(sudoku.router)
+    app.include_router(playground.router)
     return app
