@@ -101,6 +101,7 @@ def run_embedded(host: str = "127.0.0.1", port: int = 8000, models: str | None =
         for i in range(workers_per_model):
             wenv = {**env, "DG_MODEL_NAME": name, "DG_MODEL_PATH": str(Path(path)), "DG_DEVICE": "cpu",
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+                    "DG_MAX_BATCH": os.environ.get("DG_MAX_BATCH", "16"),
                     "DG_TORCH_THREADS": str(threads), "DG_METRICS_PORT": str(free_port()),
                     "DG_WORKER_ID": f"{name}-{i}-{os.getpid()}"}
             children.append(Child(f"worker[{name}#{i}]", [sys.executable, "-m", "dgserve", "worker"], wenv))
