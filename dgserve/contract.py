@@ -230,11 +230,8 @@ def encode_json(obj: Any) -> str:
 
 
 # ------------------------------------------------------------ Lua scripts
-# Atomic admission: refuse past `max_depth` requests waiting (not yet delivered to a worker), else record
-# the request, write its `queued` event, then queue the job. Works on Redis 6.2 (no XINFO `lag` there).
-# KEYS: request stream, request hash, events stream
-# ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream maxlen
-SUBMIT_LUA = """
+# `last`: the id of the last entry delivered to the group ARGV[1] on stream KEYS[1] ('0-0' if none).
+_LAST_DELIVERED = """
 local last = '0-0'
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
 if ok then
@@ -246,6 +243,13 @@ if ok then
     if name == ARGV[1] then last = id end
   end
 end
+"""
+
+# Atomic admission: refuse past `max_depth` requests waiting (not yet delivered to a worker), else record
+# the request, write its `queued` event, then queue the job. Works on Redis 6.2 (no XINFO `lag` there).
+# KEYS: request stream, request hash, events stream
+# ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream maxlen
+SUBMIT_LUA = _LAST_DELIVERED + """
 local max_depth = tonumber(ARGV[2])
 local waiting = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', max_depth)
 if waiting >= max_depth then return {0, waiting} end
@@ -259,17 +263,7 @@ return {1, waiting}
 
 # Requests waiting in a stream, counted up to a cap (Redis 6.2 has no XINFO `lag`).
 # KEYS: request stream. ARGV: group, cap
-WAITING_LUA = """
-local last = '0-0'
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok then return 0 end
-for _, g in ipairs(groups) do
-  local name, id
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then id = g[i + 1] end
-  end
-  if name == ARGV[1] then last = id end
-end
+WAITING_LUA = _LAST_DELIVERED + """
 return #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[2]))
 """
 

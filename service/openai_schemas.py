@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from service.schemas import DiffusionFields
+
 # OpenAI parameters that have no meaning for block diffusion here, with what to use instead
 UNSUPPORTED: dict[str, str] = {
     "temperature": "diffusion uses a temperature schedule: set t_min and t_max",
@@ -36,9 +38,7 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _Base(DiffusionFields):
     model: str = Field(min_length=1, max_length=128)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     stop: str | list[str] | None = None
@@ -48,13 +48,7 @@ class _Base(BaseModel):
     stream_options: dict[str, Any] | None = None
     user: str | None = Field(None, max_length=256)  # accepted, only for the caller's bookkeeping
     metadata: dict[str, str] | None = None  # likewise
-    # diffusion parameters (extra body fields of the openai client)
-    max_denoising_steps: int | None = Field(None, ge=1, le=1000)
-    entropy_bound: float | None = Field(None, gt=0, le=10_000)
-    t_min: float | None = Field(None, ge=0, le=100)
-    t_max: float | None = Field(None, gt=0, le=100)
-    stability_threshold: int | None = Field(None, ge=0, le=1000)
-    confidence_threshold: float | None = Field(None, gt=0, le=100)
+    # the diffusion parameters come from DiffusionFields (extra body fields of the openai client)
     diffusing: bool = False  # stream every draft of the canvas (Mercury's field name)
 
     @field_validator("stop")

@@ -17,26 +17,29 @@ class Message(BaseModel):
     content: str = Field(min_length=1, max_length=1_000_000)
 
 
-class SamplingFields(BaseModel):
+class DiffusionFields(BaseModel):
     """The reference sampler's parameters; None means the checkpoint's generation config."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, min_length=1, max_length=128, description="served model name")
-    max_new_tokens: int | None = Field(None, ge=1, le=1_000_000)
     max_denoising_steps: int | None = Field(None, ge=1, le=1000)
     entropy_bound: float | None = Field(None, gt=0, le=10_000)
     t_min: float | None = Field(None, ge=0, le=100)
     t_max: float | None = Field(None, gt=0, le=100)
     stability_threshold: int | None = Field(None, ge=0, le=1000)
     confidence_threshold: float | None = Field(None, gt=0, le=100)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
     def _temperatures(self):
         if self.t_min is not None and self.t_max is not None and self.t_max <= self.t_min:
             raise ValueError(f"t_max ({self.t_max}) must be greater than t_min ({self.t_min})")
         return self
+
+
+class SamplingFields(DiffusionFields):
+    model: str | None = Field(None, min_length=1, max_length=128, description="served model name")
+    max_new_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
 
 
 class GenerateRequest(SamplingFields):

@@ -24,7 +24,7 @@ import redis
 from dgserve import contract
 from worker.engine import Engine
 from worker.text import Detokenizer
-from worker.types import DoneEvent, EngineEvent, EngineRequest, ErrorEvent, SamplingParams, StepEvent
+from worker.types import DoneEvent, EngineEvent, EngineRequest, ErrorEvent, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ class Runner:
         self.observe("admitted", job)
         self.inbox.put(("job", EngineRequest(
             request_id=rid, prompt_ids=job.prompt_ids, template=job.template,
-            params=SamplingParams(**job.sampling.model_dump()),
+            params=job.sampling,
         )))
 
     def _fail(self, job: contract.Job, entry_id: bytes, code: str, message: str, deadletter: bool = False):

@@ -4,18 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    max_denoising_steps: int
-    entropy_bound: float
-    t_min: float
-    t_max: float
-    stability_threshold: int
-    confidence_threshold: float
-    seed: int
-    eos_token_ids: tuple[int, ...] = ()
+from dgserve.contract import Sampling as SamplingParams  # one definition of a request's parameters
 
 
 @dataclass(frozen=True)

@@ -12,29 +12,23 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from dgserve import contract
 from dgserve.sudoku import canvas_cells, is_valid_solution, normalize_puzzle, problems
 from service.deps import ApiKey, Gateway, GatewayDep
 from service.follow import error_response, wait_final
 from service.jobs import build_job
-from service.schemas import GenerateRequest
+from service.schemas import DiffusionFields, GenerateRequest
 
 router = APIRouter(tags=["sudoku"], dependencies=[ApiKey])
 
 
-class SudokuRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SudokuRequest(DiffusionFields):
     puzzle: str = Field(description="81 cells row by row, digits 1-9, `0` or `.` for blanks", max_length=400)
     model: str = Field("sudoku", min_length=1, max_length=128)
     attempts: int = Field(8, ge=1, le=32, description="samples run side by side; the first valid one wins")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    max_denoising_steps: int | None = Field(None, ge=1, le=1000)
-    entropy_bound: float | None = Field(None, gt=0, le=10_000)
-    t_min: float | None = Field(None, ge=0, le=100)
-    t_max: float | None = Field(None, gt=0, le=100)
 
     @field_validator("puzzle")
     @classmethod
@@ -62,10 +56,9 @@ def sudoku_jobs(gateway: Gateway, body: SudokuRequest) -> list[contract.Job]:
     jobs = []
     for i in range(body.attempts):
         seed = None if body.seed is None else body.seed + i
-        generate = GenerateRequest(
-            prompt=body.puzzle, model=body.model, template=body.puzzle, template_hole="0", max_new_tokens=81,
-            seed=seed, max_denoising_steps=body.max_denoising_steps, entropy_bound=body.entropy_bound,
-            t_min=body.t_min, t_max=body.t_max)
+        diffusion = body.model_dump(include=set(DiffusionFields.model_fields))
+        generate = GenerateRequest(prompt=body.puzzle, model=body.model, template=body.puzzle, template_hole="0",
+                                   max_new_tokens=81, seed=seed, **diffusion)
         jobs.append(build_job(gateway.registry, gateway.settings, generate))
     return jobs
 
