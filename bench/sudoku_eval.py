@@ -50,14 +50,15 @@ def qqwing_puzzles(per: int, seed: int) -> tuple[list[dict], str]:
     return out, f"bundled held-out qqwing set {bundled.name} (qqwing not installed)"
 
 
-async def solve_all(url: str, puzzles: list[dict], attempts: int, concurrency: int, seed: int) -> list[dict]:
+async def solve_all(url: str, puzzles: list[dict], attempts: int, concurrency: int, seed: int,
+                    sampling: dict | None = None) -> list[dict]:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def one(i: int, p: dict) -> dict:
             async with sem:
                 t = time.perf_counter()
                 r = await client.post("/sudoku", json={"puzzle": p["puzzle"], "attempts": attempts,
-                                                       "seed": seed + 1000 * i})
+                                                       "seed": seed + 1000 * i, **(sampling or {})})
                 r.raise_for_status()
                 body = r.json()
             correct = is_valid_solution(p["puzzle"], body["solution"])
@@ -108,14 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attempts", default="1,8", help="comma list: samples per puzzle, the first valid wins")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling", type=json.loads, default=None,
+                   help='overrides of the checkpoint\'s sampling, e.g. \'{"t_min": 0.4, "t_max": 0.8}\'')
+    p.add_argument("--puzzles-from", type=Path, help="reuse the puzzles of an earlier results JSON")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sudoku_eval.json")
     args = p.parse_args(argv)
-    puzzles, source = qqwing_puzzles(args.per_difficulty, args.seed)
-    report = {"benchmark": "sudoku-eval", "source": source, "puzzles": len(puzzles), "runs": {}}
+    if args.puzzles_from:
+        earlier = json.loads(args.puzzles_from.read_text())
+        first = next(iter(earlier["runs"].values()))["results"]
+        puzzles = [{k: r[k] for k in ("difficulty", "puzzle", "solution")} for r in first]
+        source = f"{earlier['source']} (reused from {args.puzzles_from.name})"
+    else:
+        puzzles, source = qqwing_puzzles(args.per_difficulty, args.seed)
+    report = {"benchmark": "sudoku-eval", "source": source, "puzzles": len(puzzles), "sampling": args.sampling,
+              "runs": {}}
     with service(args.url, ["sudoku"]) as url:
         for attempts in (int(a) for a in args.attempts.split(",")):
             t = time.perf_counter()
-            results = asyncio.run(solve_all(url, puzzles, attempts, args.concurrency, args.seed))
+            results = asyncio.run(solve_all(url, puzzles, attempts, args.concurrency, args.seed, args.sampling))
             summary = summarize(results)
             report["runs"][str(attempts)] = {"seconds": round(time.perf_counter() - t, 1), "summary": summary,
                                              "results": results}

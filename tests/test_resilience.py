@@ -404,3 +404,27 @@ def test_oversized_http_body_gets_413(svc):
     s.wait_ready()
     resp = httpx.post(s.url + "/generate", json={"prompt": "x" * 5000}, timeout=30)
     assert resp.status_code == 413 and "2048" in resp.json()["detail"]
+
+
+def test_sigterm_past_the_grace_period_hands_requests_back(svc):
+    s = svc()
+    s.start_gateway()
+    first = s.start_worker("tiny", drain_timeout_s=1, lease_ms=2000, heartbeat_interval_s=0.5)
+    s.wait_ready()
+
+    async def scenario():
+        events: list[dict] = []
+        task = asyncio.create_task(ws_request(s.ws_url, {"prompt": "hand me back", "seed": 3, **LONG}, events))
+        while not any(e["type"] == "step" for e in events):
+            await asyncio.sleep(0.05)
+        first.signal(signal.SIGTERM)  # 300 steps cannot finish within the 1 s grace period
+        await asyncio.get_running_loop().run_in_executor(None, first.proc.wait, 30)
+        s.start_worker("tiny", lease_ms=2000, heartbeat_interval_s=0.5)
+        await asyncio.wait_for(task, timeout=180)
+        return events
+
+    events = asyncio.run(scenario())
+    assert first.proc.returncode == 0
+    kinds = [e["type"] for e in events]
+    assert kinds.count("restarted") == 1 and kinds[-1] == "done" and kinds.count("done") == 1
+    check_clean_stream(events)

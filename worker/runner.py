@@ -24,7 +24,7 @@ import redis
 from dgserve import contract
 from worker.engine import Engine
 from worker.text import Detokenizer
-from worker.types import DoneEvent, EngineEvent, EngineRequest, ErrorEvent, StepEvent
+from worker.types import DoneEvent, EngineEvent, EngineRequest, StepEvent
 
 log = logging.getLogger(__name__)
 
@@ -425,4 +425,4 @@ class Runner:
             self.inbox.put(("cancel", rid))
 
 
-__all__ = ["Runner", "ErrorEvent"]
+__all__ = ["Runner"]
