@@ -239,39 +239,43 @@ async def list_models(gateway: GatewayDep) -> dict:
         for name, m in gateway.registry.models.items()]}
 
 
+async def _serve(request: Request, gateway: Gateway, body, prompt: str | None, messages: list[dict] | None,
+                 max_tokens: int | None, chat: bool):
+    """Queue the n completions, then stream them or answer once all are done."""
+    try:
+        jobs = await run_in_threadpool(_jobs, gateway, body, prompt, messages, max_tokens)
+        await _submit(gateway, jobs)
+        if body.stream:
+            return _stream(gateway, jobs, body, chat=chat)
+        finals = await _complete(request, gateway, jobs)
+    except OpenAIError as exc:
+        return exc.response()
+    if chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": f.text},
+                    "finish_reason": FINISH[f.finish_reason], "logprobs": None} for i, f in enumerate(finals)]
+    else:
+        choices = [{"index": i, "text": f.text, "finish_reason": FINISH[f.finish_reason], "logprobs": None}
+                   for i, f in enumerate(finals)]
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": body.model, "usage": _usage(jobs, finals), "choices": choices}
+
+
 @router.post("/completions")
 async def completions(request: Request, gateway: GatewayDep):
     try:
         body: CompletionRequest = await parse(request, CompletionRequest)
-        jobs = await run_in_threadpool(_jobs, gateway, body, body.prompt, None, body.max_tokens)
-        await _submit(gateway, jobs)
-        if body.stream:
-            return _stream(gateway, jobs, body, chat=False)
-        finals = await _complete(request, gateway, jobs)
     except OpenAIError as exc:
         return exc.response()
-    return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
-            "model": body.model, "usage": _usage(jobs, finals),
-            "choices": [{"index": i, "text": f.text, "finish_reason": FINISH[f.finish_reason], "logprobs": None}
-                        for i, f in enumerate(finals)]}
+    return await _serve(request, gateway, body, body.prompt, None, body.max_tokens, chat=False)
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, gateway: GatewayDep):
     try:
         body: ChatRequest = await parse(request, ChatRequest)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        jobs = await run_in_threadpool(_jobs, gateway, body, None, messages, max_tokens)
-        await _submit(gateway, jobs)
-        if body.stream:
-            return _stream(gateway, jobs, body, chat=True)
-        finals = await _complete(request, gateway, jobs)
     except OpenAIError as exc:
         return exc.response()
-    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
-            "model": body.model, "usage": _usage(jobs, finals),
-            "choices": [{"index": i, "message": {"role": "assistant", "content": f.text},
-                         "finish_reason": FINISH[f.finish_reason], "logprobs": None}
-                        for i, f in enumerate(finals)]}
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    return await _serve(request, gateway, body, None, messages, body.max_completion_tokens or body.max_tokens,
+                        chat=True)
