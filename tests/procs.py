@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from dgserve.process import terminate
 from dgserve.redis_server import RedisServer, free_port
 
 
@@ -42,15 +43,9 @@ class Proc:
         self.proc.wait(timeout=10)
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
     def log(self) -> str:
         self._log.flush()
