@@ -225,9 +225,6 @@ class WorkerInfo(_Model):
     draining: bool = False
 
 
-def encode_json(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
 
 # ------------------------------------------------------------ Lua scripts
 # `last`: the id of the last entry delivered to the group ARGV[1] on stream KEYS[1] ('0-0' if none).

@@ -136,9 +136,6 @@ class Engine:
     def active(self) -> int:
         return len(self.rows)
 
-    def request_ids(self) -> list[str]:
-        return [r.req.request_id for r in self.rows] + [p.request_id for p in self.pending]
-
     def add(self, request: EngineRequest) -> None:
         """Queue a request; it joins the batch at the next step."""
         self.pending.append(request)
@@ -149,9 +146,6 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.rows or self.pending)
-
-    def max_new_tokens_limit(self, prompt_tokens: int) -> int:
-        return self.config.max_context - prompt_tokens
 
     # ------------------------------------------------------------------- step
     @torch.inference_mode()

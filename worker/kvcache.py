@@ -57,13 +57,12 @@ class KVPool:
         return self.keys[i].shape[2]
 
     def held_kind(self, slot: int, kind: str) -> int:
+        """How many positions layers of `kind` hold for `slot` (sliding ones keep window - 1 at most)."""
         total = self.total[slot]
         return min(total, self.window - 1) if kind == "sliding_attention" else total
 
     def held(self, slot: int, layer: int) -> int:
-        """How many positions of `layer` hold data for `slot`."""
-        total = self.total[slot]
-        return min(total, self.window - 1) if self.sliding[layer] else total
+        return self.held_kind(slot, self.layer_types[layer])
 
     def move(self, src: int, dst: int) -> None:
         """Move a slot's contents (to keep active slots contiguous)."""
@@ -123,7 +122,7 @@ class EncoderBatch:
         self.past = [pool.total[s] for s in slots]
         self.width = max(new_lengths)
         device = pool.keys[0].device
-        self.held = {kind: [self._held_for(kind, p) for p in self.past] for kind in set(pool.layer_types)}
+        self.held = {kind: [pool.held_kind(s, kind) for s in slots] for kind in set(pool.layer_types)}
         self.masks: dict[str, torch.Tensor] = {}
         n = torch.tensor(new_lengths, device=device)[:, None, None]  # (B, 1, 1)
         j = torch.arange(self.width, device=device)[None, :, None]  # query (B, N, 1)
@@ -137,9 +136,6 @@ class EncoderBatch:
                 mask &= (j - rel) < pool.window
             mask |= (j >= n) & (t == hmax)  # padded queries attend somewhere harmless (their output is unused)
             self.masks[kind] = mask[:, None]  # (B, 1, N, K)
-
-    def _held_for(self, kind: str, past: int) -> int:
-        return min(past, self.pool.window - 1) if kind == "sliding_attention" else past
 
     def positions(self) -> torch.Tensor:
         device = self.pool.keys[0].device

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from dgserve import contract
 from service.broker import Overloaded
 from service.deps import ApiKey, Gateway, GatewayDep
-from service.follow import expire_at, wait_final
+from service.follow import ERROR_STATUS, expire_at, wait_final
 from service.jobs import build_job
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
 from service.schemas import GenerateRequest
@@ -116,7 +116,8 @@ def _usage(jobs: list[contract.Job], finals: list[contract.Done]) -> dict[str, A
 
 
 def _raise_error(final: contract.Error) -> None:
-    status = {"cancelled": 499, "timeout": 504, "too_long": 400, "overloaded": 429}.get(final.code, 500)
+    status = ERROR_STATUS.get(final.code, 500)
+    status = 400 if status == 422 else status  # OpenAI answers invalid requests with 400
     kind = "invalid_request_error" if status < 500 else "server_error"
     raise OpenAIError(status, final.message, type_=kind, code=final.code)
 
