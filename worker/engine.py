@@ -21,6 +21,7 @@ import torch
 from worker import sampler
 from worker.graphs import StaticStep, buckets_for
 from worker.kvcache import DecoderCacheView, EncoderBatch, KVPool, _LayerView
+from worker.quantize import is_quantized
 from worker.types import (
     CanvasEvent,
     DoneEvent,
@@ -40,7 +41,7 @@ class EngineConfig:
     sample_chunk_rows: int = 4  # rows whose full-vocabulary logits are alive at once
     # decoder steps: "eager" (shapes follow the batch), "static" (fixed bucket shapes, run eagerly:
     # the CPU check of the graph path), "graphs" (fixed shapes captured as CUDA graphs), "auto"
-    # ("graphs" on CUDA, "eager" elsewhere)
+    # ("graphs" on CUDA unless the weights are quantized, "eager" elsewhere)
     decode_mode: str = "auto"
     # sampler: "exact" (transformers' ops and multinomial draws: the reference's tokens for a seed),
     # "fast" (the same ops, inverse-CDF draws: several times faster than multinomial on a CPU),
@@ -107,8 +108,11 @@ class Engine:
         self.steps_run = 0
         self.profile: list[dict[str, float]] | None = None  # set to [] to record per-step timings (syncs!)
         mode = self.config.decode_mode
+        self.quantized = is_quantized(model)
         if mode == "auto":
-            mode = "graphs" if self.device.type == "cuda" else "eager"
+            # quantized experts run transformers' per-expert loop, which reads the hit experts on the host:
+            # nothing a CUDA graph can capture
+            mode = "graphs" if self.device.type == "cuda" and not self.quantized else "eager"
         if mode == "graphs" and self.device.type != "cuda":
             raise ValueError("decode_mode 'graphs' needs a CUDA device")
         self.decode_mode = mode
@@ -148,8 +152,12 @@ class Engine:
         return bool(self.rows or self.pending)
 
     # ------------------------------------------------------------------- step
-    @torch.inference_mode()
     def step(self) -> list[EngineEvent]:
+        # torchao's quantized tensors keep version counters, which inference-mode tensors lack: no_grad for them
+        with torch.no_grad() if self.quantized else torch.inference_mode():
+            return self._step()
+
+    def _step(self) -> list[EngineEvent]:
         events: list[EngineEvent] = []
         self._drop_cancelled(events)
         self._admit(events)

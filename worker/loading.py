@@ -8,6 +8,8 @@ import time
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
+from worker.quantize import from_pretrained_kwargs, weight_bytes
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -33,27 +35,11 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", quantizatio
     kwargs: dict = {"dtype": dt}
     if dev.type == "cuda":
         kwargs["device_map"] = str(dev)
-    if quantization != "none":
-        kwargs["quantization_config"] = quantization_config(quantization)
-    log.info("loading %s on %s as %s", path, dev, dt)
+    kwargs.update(from_pretrained_kwargs(quantization, dev))
+    log.info("loading %s on %s as %s%s", path, dev, dt, "" if quantization == "none" else f", {quantization} weights")
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs).eval()
     if dev.type != "cuda":
         model.to(dev)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    log.info("loaded %s in %.1fs", path, time.monotonic() - started)
+    log.info("loaded %s in %.1fs (weights %.2f GB)", path, time.monotonic() - started, weight_bytes(model) / 1e9)
     return model, tokenizer
-
-
-def quantization_config(kind: str):
-    """Weight-only quantization through a maintained library (torchao), for 24 GB cards."""
-    from transformers import TorchAoConfig
-
-    if kind == "fp8":
-        from torchao.quantization import Float8WeightOnlyConfig
-
-        return TorchAoConfig(quant_type=Float8WeightOnlyConfig())
-    if kind == "int4":
-        from torchao.quantization import Int4WeightOnlyConfig
-
-        return TorchAoConfig(quant_type=Int4WeightOnlyConfig(group_size=128))
-    raise ValueError(f"unknown quantization {kind!r} (none, fp8, int4)")

@@ -16,8 +16,9 @@ def run_worker(settings: WorkerSettings) -> int:
     import torch
 
     from worker.engine import Engine, EngineConfig
-    from worker.loading import load_model
+    from worker.loading import load_model, resolve_device
     from worker.metrics import WorkerMetrics, serve_http
+    from worker.quantize import check_supported
     from worker.runner import Runner
 
     if settings.torch_threads:
@@ -40,6 +41,13 @@ def run_worker(settings: WorkerSettings) -> int:
         server = serve_http(settings.metrics_host, settings.metrics_port, metrics.registry, ready)
         log.info("worker metrics and health on http://%s:%d", settings.metrics_host, server.server_port)
 
+    try:  # a setting this machine cannot honour is a clear message, not a traceback
+        check_supported(settings.quantization, resolve_device(settings.device))
+    except (ValueError, RuntimeError) as exc:
+        log.error("cannot start: DG_QUANTIZATION=%s: %s", settings.quantization, exc)
+        if server is not None:
+            server.shutdown()
+        return 2
     model, tokenizer = load_model(settings.model_path, settings.device, settings.dtype, settings.quantization)
     engine = Engine(model, EngineConfig(max_batch=settings.max_batch, max_context=settings.max_context,
                                         sample_chunk_rows=settings.sample_chunk_rows))

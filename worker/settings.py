@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,7 +24,8 @@ class WorkerSettings(BaseSettings):
     model_path: str = "models/text"  # a local directory or a Hugging Face model id
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
-    quantization: str = "none"  # none | fp8 | int4 (weight-only, for 24 GB cards)
+    # weight-only, through torchao (worker/quantize.py): int4 for 24 GB cards (CUDA), int8 (CPU or CUDA), fp8 (CUDA)
+    quantization: Literal["none", "int4", "int8", "fp8"] = "none"
     max_batch: int = Field(8, ge=1, le=1024)
     max_context: int = Field(2048, ge=16)
     sample_chunk_rows: int = Field(4, ge=1)

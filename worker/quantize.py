@@ -1,0 +1,139 @@
+"""Weight-only quantization through torchao, experts included (the 24 GB mode).
+
+transformers' torchao integration quantizes `nn.Linear` weights by default. In DiffusionGemma almost every
+weight is elsewhere: the mixture of experts keeps each layer's experts as two 3-D parameters
+(`experts.gate_up_proj`, `experts.down_proj`), about 22 of the 26B parameters. So the configuration here names
+those parameters explicitly (torchao's `FqnToConfig` quantizes parameters as well as modules) together with the
+attention and dense-MLP projections of every text layer. The embedding (tied to the output head) and the tiny
+vision tower stay in the model dtype.
+
+A quantized 3-D expert tensor supports selecting one expert and `F.linear` on it, not `grouped_mm`, so quantized
+models run transformers' "eager" experts (a loop over the experts hit). That loop reads which experts were hit
+on the host, which CUDA graphs cannot capture: the engine decodes eagerly for quantized models.
+
+Kinds:
+* `int4`: 4-bit weights, groups of 128 along the input dimension, PyTorch's tinygemm kernel (CUDA only). The
+  26B-A4B weights take ~14 GB: the 24 GB-card mode.
+* `int8`: 8-bit weights, one scale per output channel (CPU and CUDA). ~27 GB for the 26B-A4B.
+* `fp8`: float8 e4m3 weights, one scale per output channel (CUDA, compute capability 8.9+). ~27 GB.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KINDS = ("none", "int4", "int8", "fp8")
+
+# every text layer of the encoder and the decoder (the vision tower's layers stay as they are)
+TEXT_LAYERS = r".*(language_model|decoder)\.layers\.\d+\."
+
+
+def weight_config(kind: str):
+    """The torchao config for one weight."""
+    if kind == "int4":
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    if kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return Int8WeightOnlyConfig(version=2)
+    if kind == "fp8":
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        return Float8WeightOnlyConfig()
+    raise ValueError(f"unknown quantization {kind!r} ({', '.join(KINDS)})")
+
+
+def fqn_config(kind: str, prefix: str = TEXT_LAYERS):
+    """Which weights get quantized, and how: torchao's FqnToConfig over the expert parameters and the projections
+    of the layers whose names match `prefix` (a regex; "" for a single layer quantized on its own)."""
+    from torchao.quantization import FqnToConfig
+
+    cfg = weight_config(kind)
+    return FqnToConfig({f"re:{prefix}experts\\.(gate_up_proj|down_proj)": cfg,
+                        f"re:{prefix}(self_attn\\.[qkvo]_proj|mlp\\.(gate|up|down)_proj)": cfg})
+
+
+def check_supported(kind: str, device: torch.device) -> None:
+    """Fail early, with the reason, where a kind cannot run."""
+    if kind == "none":
+        return
+    try:
+        import torchao  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(f"quantization {kind!r} needs torchao: pip install 'dgserve[quant]'") from exc
+    if kind in ("int4", "fp8") and device.type != "cuda":
+        raise ValueError(f"quantization {kind!r} runs on CUDA only; use int8 on a CPU")
+    if kind == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("quantization 'fp8' needs compute capability 8.9 or newer (Ada, Hopper)")
+
+
+def from_pretrained_kwargs(kind: str, device: torch.device) -> dict:
+    """Extra `from_pretrained` arguments for a quantized load (empty for kind 'none')."""
+    if kind == "none":
+        return {}
+    check_supported(kind, device)
+    from transformers import TorchAoConfig
+
+    # transformers skips every tied weight by default, and DiffusionGemma's encoder and decoder layers share all of
+    # theirs: name what to leave alone instead (the tied embedding / output head, the vision tower)
+    keep = ["lm_head", "model.decoder.embed_tokens", "model.encoder.language_model.embed_tokens",
+            "model.encoder.vision_tower", "model.encoder.embed_vision", "model.decoder.self_conditioning"]
+    config = TorchAoConfig(quant_type=fqn_config(kind), modules_to_not_convert=keep)
+    return {"quantization_config": config, "experts_implementation": "eager"}
+
+
+def quantize_model(model, kind: str, prefix: str = TEXT_LAYERS) -> None:
+    """Quantize an in-memory model in place (the same weights `from_pretrained_kwargs` would quantize).
+
+    Encoder and decoder layers share their parameters: every module that used a weight ends up with the same
+    quantized copy. With `prefix=""`, `model` may be a single text layer: materialising and quantizing one layer at
+    a time keeps peak memory at the quantized size (bench/engine.py does, for the 26B-A4B at random weights).
+    """
+    if kind == "none":
+        return
+    check_supported(kind, next(model.parameters()).device)
+    from torchao.quantization import quantize_
+
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, name))
+    before = {id(p): p for p in model.parameters()}
+    quantize_(model, fqn_config(kind, prefix), filter_fn=None)
+    for key, places in owners.items():  # one quantized copy per shared weight, wherever it is used
+        if len(places) < 2:
+            continue
+        new = [getattr(m, n) for m, n in places if getattr(m, n) is not before[key]]
+        if new:
+            for m, n in places:
+                setattr(m, n, new[0])
+    if hasattr(model, "set_experts_implementation"):  # a whole model (a single layer: the caller sets it)
+        model.set_experts_implementation("eager")
+
+
+def is_quantized(model) -> bool:
+    """True when some weight is a torchao tensor subclass."""
+    return any(type(p).__module__.startswith("torchao") or type(p.data).__module__.startswith("torchao")
+               for p in model.parameters())
+
+
+def weight_bytes(model) -> int:
+    """Bytes held by the model's unique weights, quantized ones at their packed size."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        t = p.data
+        inner = [getattr(t, name) for name in getattr(t, "tensor_data_names", ())] or [t]
+        inner += [getattr(t, name) for name in getattr(t, "optional_tensor_data_names", ())
+                  if getattr(t, name, None) is not None]
+        for x in inner:
+            if x.data_ptr() not in seen:
+                seen.add(x.data_ptr())
+                total += x.numel() * x.element_size()
+    return total
