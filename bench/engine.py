@@ -10,6 +10,8 @@ CPU, small checkpoint (issue 3):
 GPU, the real 26B-A4B architecture at random weights (fixed 16 steps: random weights never stop early):
     python bench/engine.py --realscale [--scale tiny]
   1024 prompt / 1024 new tokens at 1, 4, 16, 32 concurrent requests (and 64 for ours), ours vs generate().
+    --experts grouped_mm,batched_mm,eager   the same runs once per transformers experts implementation
+    --quantization int4                     weight-only int4 text layers (the 24 GB mode), built layer by layer
 """
 
 from __future__ import annotations
@@ -79,9 +81,64 @@ def load_checkpoint(path: str, device: str):
     return model, tokenizer
 
 
-def build_realscale(scale: str, device: torch.device):
-    """The 26B-A4B architecture (or a tiny copy of it) with random weights, materialised in seconds."""
+def _init_random(module, device: torch.device, generator: torch.Generator) -> None:
+    """Random weights in place: matrices N(0, 0.02), norm scales 1, biases 0, layer scalars 1."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=generator)
+            elif "scale" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for name, b in module.named_buffers():
+            if "layer_scalar" in name:
+                b.fill_(1.0)
+        for mod in module.modules():  # non-persistent buffers (rotary inv_freq, embed scale) that to_empty left empty
+            if mod.__class__.__name__.endswith("RotaryEmbedding"):
+                fresh = mod.__class__(mod.config, device=device)
+                for bn, bv in fresh.named_buffers():
+                    getattr(mod, bn).copy_(bv)
+            if hasattr(mod, "scalar_embed_scale"):
+                mod.embed_scale.fill_(mod.scalar_embed_scale)
+
+
+def _materialise_quantized(model, device: torch.device, generator: torch.Generator, kind: str) -> None:
+    """Materialise a meta-device model one text layer at a time, quantizing each before the next exists, so peak
+    memory stays at the quantized size. Encoder and decoder layers share their weights (as in the checkpoint)."""
+    from tqdm.auto import tqdm
+
+    from worker.quantize import quantize_model
+
+    text = model.model.encoder.language_model
+    decoder_layers, encoder_layers = model.model.decoder.layers, text.layers
+    model.model.decoder.layers, text.layers = torch.nn.ModuleList(), torch.nn.ModuleList()
+    model.to_empty(device=device)  # everything but the layers: embeddings, norms, vision stub
+    _init_random(model, device, generator)
+    for dec, enc in tqdm(list(zip(decoder_layers, encoder_layers, strict=True)), desc=f"layers -> {kind}",
+                         unit="layer"):
+        dec.to_empty(device=device)
+        _init_random(dec, device, generator)
+        quantize_model(dec, kind, prefix="")
+        for name, mod in dec.named_modules():  # the encoder layer uses the same (quantized) weights
+            target = enc.get_submodule(name)
+            for pname, param in mod.named_parameters(recurse=False):
+                setattr(target, pname, param)
+            for bname, buf in mod.named_buffers(recurse=False):
+                if target._buffers.get(bname) is not None:
+                    target._buffers[bname] = buf
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    model.model.decoder.layers, text.layers = decoder_layers, encoder_layers
+    model.set_experts_implementation("eager")
+
+
+def build_realscale(scale: str, device: torch.device, quantization: str = "none"):
+    """The 26B-A4B architecture (or a tiny copy of it) with random weights, materialised in seconds; with
+    `quantization`, each text layer is quantized as soon as it exists (peak memory: the quantized model)."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, Gemma4VisionConfig
+
+    from worker.quantize import weight_bytes
 
     text = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
                 num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2, head_dim=256,
@@ -100,37 +157,25 @@ def build_realscale(scale: str, device: torch.device):
     with torch.device("meta"):
         model = DiffusionGemmaForBlockDiffusion(cfg)
     torch.set_default_dtype(torch.float32)
-    model = model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=g)
-            elif "scale" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for name, b in model.named_buffers():
-            if "layer_scalar" in name:
-                b.fill_(1.0)
-        for mod in model.modules():  # non-persistent buffers (rotary inv_freq, embed scale) that to_empty left empty
-            if mod.__class__.__name__.endswith("RotaryEmbedding"):
-                fresh = mod.__class__(mod.config, device=device)
-                for bn, bv in fresh.named_buffers():
-                    getattr(mod, bn).copy_(bv)
-            if hasattr(mod, "scalar_embed_scale"):
-                mod.embed_scale.fill_(mod.scalar_embed_scale)
+    if quantization == "none":
+        model = model.to_empty(device=device)
+        _init_random(model, device, g)
+    else:
+        _materialise_quantized(model, device, g, quantization)
     model.tie_weights()
     model.eval()
     model.generation_config.eos_token_id = None
-    unique = {p.data_ptr(): p for p in model.parameters()}.values()
-    info = {"params": sum(p.numel() for p in unique), "param_bytes": sum(p.numel() * p.element_size() for p in unique),
-            "build_s": round(time.time() - started, 1), "experts_implementation":
-            getattr(model.config.get_text_config(), "_experts_implementation", None),
+    unique = {id(p): p for p in model.parameters()}.values()
+    info = {"params": sum(p.numel() for p in unique), "param_bytes": weight_bytes(model),
+            "quantization": quantization, "build_s": round(time.time() - started, 1),
+            "experts_implementation": getattr(model.config.get_text_config(), "_experts_implementation", None),
             "attn_implementation": model.config._attn_implementation}
+    if device.type == "cuda":
+        info["build_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
     print(f"built realscale={scale}: {info['params'] / 1e9:.2f}B params, {info['param_bytes'] / 1e9:.1f} GB "
-          f"in {info['build_s']}s ({info['experts_implementation']} experts, {info['attn_implementation']})",
-          flush=True)
+          f"in {info['build_s']}s ({quantization} weights, {info['experts_implementation']} experts, "
+          f"{info['attn_implementation']})", flush=True)
     return model, info
 
 
@@ -168,7 +213,7 @@ def wait_until(t0: float, at: float) -> None:
         time.sleep(delay)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quantized (torchao) weights need version counters
 def run_reference_sequential(model, reqs: list[Request], steps: int | None, device) -> RunResult:
     """(a) generate() one request at a time, in arrival order."""
     t0 = time.perf_counter()
@@ -185,7 +230,7 @@ def run_reference_sequential(model, reqs: list[Request], steps: int | None, devi
     return res
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def run_reference_static(model, reqs: list[Request], steps: int | None, device, pad_id: int = 0) -> RunResult:
     """(b) generate() with every request in one static batch: it starts when the last one has arrived,
     every row runs as many canvases as the longest, and all rows return together."""
@@ -315,10 +360,11 @@ def cpu_main(args) -> dict:
 def realscale_main(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     started = time.time()
-    model, info = build_realscale(args.scale, device)
+    model, info = build_realscale(args.scale, device, args.quantization)
     vocab = model.config.get_text_config().vocab_size
     tiny = args.scale == "tiny"
     prompt_len, new_tokens, steps = (64, 256, 4) if tiny and device.type == "cpu" else (1024, 1024, 16)
+    prompt_len, new_tokens = args.prompt_tokens or prompt_len, args.new_tokens or new_tokens
     out = {"benchmark": "engine-realscale", "scale": args.scale, "device": device_name(device),
            "torch": torch.__version__, "model": info, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
            "steps_per_canvas": steps, "reference": {}, "ours": {}, "ratios": {}, "notes": []}
@@ -352,16 +398,22 @@ def realscale_main(args) -> dict:
         write(out, path)
 
     max_c = max(args.concurrency)
-    for mode in args.modes:
+    runs = [(mode, impl) for impl in args.experts for mode in args.modes]
+    for mode, impl in runs:
         decode_mode, sampler = mode.split("+")
-        key = mode
+        key = mode if len(args.experts) == 1 else f"{mode} {impl}"
+        if impl != "default" and args.quantization == "none":
+            model.set_experts_implementation(impl)
+        if impl == "eager" or args.quantization != "none":  # a host-side loop over experts: not capturable
+            decode_mode = decode_mode.replace("graphs", "eager")
         try:
             t = time.time()
             engine = Engine(model, EngineConfig(max_batch=max_c, max_context=prompt_len + new_tokens + 256,
                                                 decode_mode=decode_mode, sampler=sampler,
                                                 sample_chunk_rows=args.chunk_rows))
             out["ours"][key] = {"setup_s": round(time.time() - t, 1), "decode_mode": engine.decode_mode,
-                                "sampler": engine.sampler_mode, "state_per_request": state_bytes_per_request(engine)}
+                                "sampler": engine.sampler_mode, "state_per_request": state_bytes_per_request(engine),
+                                "experts_implementation": model.config.get_text_config()._experts_implementation}
             print(f"engine {key}: set up in {time.time() - t:.1f}s; state per request "
                   f"{out['ours'][key]['state_per_request']}", flush=True)
             run_engine(engine, realscale_workload(1, vocab, prompt_len, 256, 7), steps, "warm-up")
@@ -380,7 +432,8 @@ def realscale_main(args) -> dict:
                                  f"ours {key}")
                 s = res.summary()
                 if device.type == "cuda":
-                    s["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+                    s["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                    s["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
                 out["ours"][key][str(c)] = s
                 ref = out["reference"].get(str(c), {})
                 if "tok_s" in ref:
@@ -475,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--window", type=float, default=2.0, help="arrivals spread over this many seconds")
     p.add_argument("--steps", type=int, help="fixed denoising steps (default: the checkpoint's)")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="realscale prompt length (default 1024)")
+    p.add_argument("--new-tokens", type=int, default=0, help="realscale new tokens per request (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decode-mode", default="auto")
     p.add_argument("--sampler", default="auto")
@@ -483,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-concurrency", type=ints, default=[1, 4, 16, 32], help="empty: no reference runs")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["graphs+fused"],
                    help="decode_mode+sampler pairs for ours, e.g. graphs+fused,eager+exact")
+    p.add_argument("--experts", type=lambda s: s.split(","), default=["default"],
+                   help="transformers experts implementations to compare, e.g. grouped_mm,batched_mm,eager "
+                        "(default: the model's own choice)")
+    p.add_argument("--quantization", default="none", choices=["none", "int4", "int8", "fp8"],
+                   help="weight-only quantization of the text layers (worker/quantize.py), layer by layer as built")
     p.add_argument("--profile-batch", type=int, default=32)
     p.add_argument("--chunk-rows", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=480)

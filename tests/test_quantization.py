@@ -129,3 +129,26 @@ def test_a_worker_serves_quantized_weights_and_refuses_what_cannot_run(tmp_path)
         assert "int8 weights" in worker.log()
     finally:
         svc.close()
+
+
+def test_the_realscale_builder_quantizes_one_layer_at_a_time():
+    """bench/engine.py --realscale --quantization: the GPU run's builder, on a tiny copy of the architecture."""
+    from bench.engine import build_realscale
+
+    torch.set_num_threads(1)
+    model, info = build_realscale("tiny", torch.device("cpu"), "int8")
+    float_model, _ = build_realscale("tiny", torch.device("cpu"), "none")
+    for d, e in zip(model.model.decoder.layers, model.model.encoder.language_model.layers, strict=True):
+        assert _quantized(d.experts.gate_up_proj) and _quantized(d.self_attn.o_proj.weight)
+        assert e.experts.gate_up_proj is d.experts.gate_up_proj and e.mlp.up_proj.weight is d.mlp.up_proj.weight
+    # float32 -> int8 text layers (the scales add a little); the embedding and vision stub stay float32
+    assert weight_bytes(model.model.decoder.layers) < 0.3 * weight_bytes(float_model.model.decoder.layers)
+    assert info["experts_implementation"] == "eager"
+    engine = Engine(model, EngineConfig(max_batch=2, max_context=512, sampler="fast"))
+    engine.add(EngineRequest("q", [2, 10, 20, 30], SamplingParams(
+        max_new_tokens=256, max_denoising_steps=4, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
+        confidence_threshold=0.005, seed=0)))
+    done = []
+    while engine.has_work():
+        done += [e for e in engine.step() if isinstance(e, DoneEvent)]
+    assert len(done) == 1 and len(done[0].token_ids) == 256

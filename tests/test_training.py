@@ -300,6 +300,25 @@ def test_smoke_training_sudoku_writes_a_loadable_checkpoint(tmp_path):
     assert out_ids.shape == (1, 82 + 81)
 
 
+def test_training_can_continue_from_a_checkpoint(tmp_path):
+    """--init: the next run starts from the saved weights (how a longer GPU run extends models/sudoku)."""
+    from safetensors.torch import load_file
+
+    from training.train import TrainConfig, train
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    train(TrainConfig(task="sudoku", out=str(first), smoke=True, device="cpu"), log=lambda _: None)
+    logs: list[str] = []
+    result = train(TrainConfig(task="sudoku", out=str(second), smoke=True, device="cpu", init=str(first), seed=5,
+                               max_steps=1, lr=1e-9), log=logs.append)
+    assert result["init_from"]["path"] == str(first) and result["init_from"]["steps"] == 6
+    assert any("initialised from" in line for line in logs)
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys()
+    # one step at a vanishing learning rate: the weights are the first run's, not a fresh seed-5 init
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+
 def test_smoke_training_text_writes_a_loadable_checkpoint(tmp_path):
     from training.train import TrainConfig, train
 

@@ -25,6 +25,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sc-prob", type=float, default=0.5, help="fraction of examples trained with self-conditioning")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--init", default=None, help="continue from this checkpoint's weights (same architecture)")
     p.add_argument("--compile", action="store_true", help="experimental: torch.compile the transformer layers")
     p.add_argument("--smoke", action="store_true", help="CI mode: tiny model, a few steps, seconds on a CPU")
     p.add_argument("--safe", action="store_true",
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         task=args.command, out=args.out, preset=args.preset, device=args.device, seed=args.seed,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
         max_seconds=args.max_seconds, eval_every_seconds=args.eval_every, eval_every_steps=args.eval_every_steps,
-        log_every=args.log_every, sc_prob=args.sc_prob, compile=args.compile, threads=args.threads, safe=args.safe,
+        log_every=args.log_every, sc_prob=args.sc_prob, init=args.init, compile=args.compile, threads=args.threads,
+        safe=args.safe,
         smoke=args.smoke, started=started, arch=parse_arch(args.arch),
     )
     if args.command == "sudoku":

@@ -59,6 +59,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # 0: time-based only
     log_every: int = 50
     sc_prob: float = 0.5
+    init: str | None = None  # start from this checkpoint's weights (same architecture) instead of random ones
     compile: bool = False
     safe: bool = False  # transformers' own code paths only: no dense experts / fused norm / autocast / fused AdamW
     threads: int = 0
@@ -355,6 +356,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     task: Task = SudokuTask(cfg, device, log) if cfg.task == "sudoku" else TextTask(cfg, device, log)
     config = build_config(cfg.preset, task.vocab_size, task.canvas_length, **cfg.arch)
     model = build_model(config, cfg.seed, fast=not cfg.safe).to(device)
+    init_from = None
+    if cfg.init:  # continue training a saved checkpoint: its weights, this run's schedule and data
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        source = DiffusionGemmaForBlockDiffusion.from_pretrained(cfg.init, dtype=torch.float32)
+        model.load_state_dict(source.state_dict())
+        meta = Path(cfg.init) / "dgserve.json"
+        previous = json.loads(meta.read_text()) if meta.exists() else {}
+        init_from = {"path": str(cfg.init), "steps": previous.get("steps"), "seed": previous.get("seed"),
+                     "device": previous.get("device"), "git": previous.get("versions", {}).get("git")}
+        log(f"{task.name}: initialised from {cfg.init} (trained {init_from['steps']} steps before)")
+        del source
     model.train()
     model.generation_config = task.generation_config()
     save_dtype = storage_dtype(model)
@@ -413,7 +426,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             "params": param_count(model), "dtype_saved": str(save_dtype).removeprefix("torch."),
             "eval": best.get("result"), "eval_step": best.get("step"),
             "history": history, "evals": [{k: v for k, v in e.items() if k != "samples"} for e in evals],
-            "config": {k: v for k, v in asdict(cfg).items() if k != "started"},
+            "config": {k: v for k, v in asdict(cfg).items() if k != "started"}, "init_from": init_from,
             "model_config": build_config_summary(model),
             "versions": {"torch": torch.__version__, "transformers": _transformers_version(),
                          "python": platform.python_version(), "git": git_commit()},

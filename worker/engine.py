@@ -152,9 +152,12 @@ class Engine:
         return bool(self.rows or self.pending)
 
     # ------------------------------------------------------------------- step
-    def step(self) -> list[EngineEvent]:
+    def _no_autograd(self):
         # torchao's quantized tensors keep version counters, which inference-mode tensors lack: no_grad for them
-        with torch.no_grad() if self.quantized else torch.inference_mode():
+        return torch.no_grad() if self.quantized else torch.inference_mode()
+
+    def step(self) -> list[EngineEvent]:
+        with self._no_autograd():
             return self._step()
 
     def _step(self) -> list[EngineEvent]:
@@ -329,7 +332,7 @@ class Engine:
         mempool = torch.cuda.graph_pool_handle() if capture else None
         bar = tqdm(sorted(buckets, reverse=True), desc="capturing decoder steps" if capture else "static steps",
                    unit="bucket", disable=not capture)
-        with torch.inference_mode():
+        with self._no_autograd():
             for bucket in bar:  # largest first, so smaller ones reuse its memory pool
                 step = StaticStep(bucket, self.canvas_length, self.text_config.hidden_size, widths, self.device,
                                   self.dtype, mask_dtype)
