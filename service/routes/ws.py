@@ -66,10 +66,18 @@ class Session:
             async for _, event in self.gateway.broker.events(rid):
                 await self.send(event.text)  # relayed as the worker wrote it
         except (WebSocketDisconnect, RuntimeError):
-            pass  # the client left; `close` cancels what is still open
+            # the client left while this request was open. Cancel it here: this task may notice before the
+            # receive loop does, and `close` only cancels the tasks still registered
+            await self._cancel_quietly(rid)
         finally:
             expiry.cancel()
             self.tasks.pop(rid, None)
+
+    async def _cancel_quietly(self, rid: str) -> None:
+        try:
+            await self.gateway.broker.cancel(rid)
+        except REDIS_DOWN:
+            pass
 
     async def generate(self, data: dict) -> None:
         try:
@@ -139,10 +147,7 @@ class Session:
     async def close(self) -> None:
         for rid, task in list(self.tasks.items()):
             if not rid.startswith("sudoku:"):
-                try:
-                    await self.gateway.broker.cancel(rid)
-                except REDIS_DOWN:
-                    pass
+                await self._cancel_quietly(rid)
             task.cancel()
 
 
