@@ -445,6 +445,10 @@ def realscale_main(args) -> dict:
             write(out, path)
         if args.profile_batch and budget_left() > 30:
             out["ours"][key]["profile"] = profile_steps(engine, vocab, prompt_len, args.profile_batch, steps, args.seed)
+            if args.kernels:
+                table = path.with_name(f"{path.stem}_{key.replace(' ', '_').replace('+', '_')}_kernels.txt")
+                out["ours"][key]["kernels"] = kernel_table(engine, vocab, prompt_len, args.profile_batch, steps,
+                                                           args.seed, table)
             print(f"profile {key} at {args.profile_batch}: {out['ours'][key]['profile']}", flush=True)
         del engine
         if device.type == "cuda":
@@ -466,6 +470,27 @@ def profile_steps(engine: Engine, vocab: int, prompt_len: int, batch: int, steps
     total = sum(med.values())
     return {**med, "rows": batch, "steps_measured": len(laps),
             "sampler_share": round(med["sampler_ms"] / total, 3) if total else None}
+
+
+def kernel_table(engine: Engine, vocab: int, prompt_len: int, batch: int, steps: int, seed: int, path: Path) -> list:
+    """Which kernels a canvas at `batch` rows spends its device time in (torch.profiler; graph replays show as
+    one launch, so profile a `static` mode run to see the kernels of the same fixed-shape step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    reqs = realscale_workload(batch, vocab, prompt_len, engine.canvas_length, seed + 77)
+    with profile(activities=activities) as prof:
+        run_engine(engine, reqs, steps, "kernels")
+    key = "self_device_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = [{"name": e.key[:120], "calls": e.count, "ms": round(getattr(e, key) / 1e3, 2),
+             "share": round(getattr(e, key) / total, 4)} for e in events[:40]]
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+    print(f"kernels at {batch} rows (top 10 of {len(events)}, by {key}); full table in {path}", flush=True)
+    for r in rows[:10]:
+        print(f"  {r['share']:6.1%} {r['ms']:10.2f} ms  x{r['calls']:<6} {r['name']}", flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------- plots
@@ -544,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default="none", choices=["none", "int4", "int8", "fp8"],
                    help="weight-only quantization of the text layers (worker/quantize.py), layer by layer as built")
     p.add_argument("--profile-batch", type=int, default=32)
+    p.add_argument("--kernels", action="store_true",
+                   help="also profile one canvas at --profile-batch rows with torch.profiler (kernel table)")
     p.add_argument("--chunk-rows", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--out", type=Path)

@@ -107,11 +107,13 @@ def main() -> int:
     for name, v in variants.items():
         started = time.time()
         drafts = digits_from_ids(solve(model, batch, seed=args.seed, **v)).tolist()
-        ok = [bool(all(d) and is_valid_solution(d) and consistent(ev.puzzles[i], d)) for d, i in zip(drafts, idx)]
+        ok = [bool(all(d) and is_valid_solution(d) and consistent(ev.puzzles[i], d))
+              for d, i in zip(drafts, idx, strict=True)]
         by = {}
-        for good, i in zip(ok, idx):
+        for good, i in zip(ok, idx, strict=True):
             by.setdefault(ev.difficulty[i], []).append(good)
-        results[name] = {"solved": round(sum(ok) / len(ok), 3), "settings": v, "seconds": round(time.time() - started, 1),
+        results[name] = {"solved": round(sum(ok) / len(ok), 3), "settings": v,
+                         "seconds": round(time.time() - started, 1),
                          "by_difficulty": {k: round(sum(x) / len(x), 3) for k, x in sorted(by.items())}}
         print(f"{name:28s} {results[name]['solved']:.1%} solved  {results[name]['by_difficulty']}  "
               f"({results[name]['seconds']}s)", flush=True)

@@ -5,7 +5,8 @@ under TRITON_INTERPRET and in the eager/static modes). Prints one table; writes 
    same uniform draws: argmax, Gumbel-max samples, entropy, acceptance decisions, soft probabilities;
    and its time against the exact (reference-ops) sampler on 32 canvases of 256 positions;
 2. the engine on a tiny copy of the 26B-A4B architecture on the GPU: CUDA-graph replay gives the same
-   tokens as the same fixed-shape step run without graphs; rows batched together against alone.
+   tokens as the same fixed-shape step run without graphs (decoder steps and committed-canvas encoder passes,
+   with requests of up to 3 canvases); rows batched together against alone.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def check_engine(results: dict) -> None:
         while engine.has_work():
             done.update({e.request_id: e.token_ids for e in engine.step() if isinstance(e, DoneEvent)})
         results.setdefault("engine_modes", {})[f"{mode}+{sampler_mode}"] = engine.decode_mode
+        if mode == "graphs":  # committed canvases go through captured encoder passes too
+            results["canvas_encode_graphs_captured"] = sum(e.graph is not None for e in engine.static_encodes.values())
         return done
 
     for sampler_mode in ("fused", "exact"):

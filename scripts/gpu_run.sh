@@ -6,6 +6,7 @@
 #   bash scripts/gpu_run.sh train   # trains models/sudoku and models/text side by side, packs them
 #   bash scripts/gpu_run.sh moe     # issue 9: grouped_mm vs batched_mm vs eager experts, ours at 1 and 32
 #   bash scripts/gpu_run.sh int4    # issue 9: the 24 GB mode (int4 text layers): peak memory, tok/s at 1 and 8
+#   bash scripts/gpu_run.sh kernels # issue 9: where the batch-32 step goes, kernel by kernel (torch.profiler)
 #   BUDGET=500 bash scripts/gpu_run.sh sudoku   # issue 4: continue models/sudoku for BUDGET seconds, pack it
 #
 # Needs: `.whl/` with transformers>=5.24 (the image has an older one), torchao>=0.18 for `int4` (the image has
@@ -35,6 +36,11 @@ case "${1:-}" in
       --concurrency 1,32 --new-tokens 256 --modes graphs+fused --profile-batch 32 --budget-s 280 \
       --out "$OUT/engine_realscale_experts.json" 2>&1 | grep -v "Loading weights"
     ;;
+  kernels)
+    timeout 290 python3 bench/engine.py --realscale --ref-concurrency "" --concurrency 32 --new-tokens 256 \
+      --modes static+fused --profile-batch 32 --kernels --budget-s 280 \
+      --out "$OUT/engine_realscale_kernels.json" 2>&1 | grep -v "Loading weights"
+    ;;
   int4)
     timeout 290 python3 bench/engine.py --realscale --quantization int4 --concurrency 1,8 --ref-concurrency 1,8 \
       --new-tokens 512 --modes eager+fused --profile-batch 8 --chunk-rows 4 --budget-s 280 \
@@ -49,6 +55,6 @@ case "${1:-}" in
     timeout 290 python3 -m training gpu --out /tmp/dg-models --budget "${BUDGET:-240}" --pack "$OUT" \
       --corpus build/corpus.jsonl.gz
     ;;
-  *) echo "usage: $0 bench|train|moe|int4|sudoku"; exit 2 ;;
+  *) echo "usage: $0 bench|train|moe|int4|kernels|sudoku"; exit 2 ;;
 esac
 ls -la "$OUT"

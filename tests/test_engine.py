@@ -95,6 +95,27 @@ def test_batching_does_not_change_results(model, tiny_model, mode, sampler_mode)
     assert len(canvases) > 1  # the batch really mixed rows at different canvas counts
 
 
+def test_committed_canvases_encode_through_the_fixed_shape_pass(model, tiny_model):
+    """In static/graphs mode committed canvases are encoded by the bucketed pass (captured on a GPU): rows
+    gathered from any slots, padding rows in the spare slot, sliding windows rebuilt past their capacity. The
+    tokens stay exactly the reference's."""
+    tok = tiny_model[1]
+    long_prompt = tok("a prompt of some length " * 4).input_ids
+    assert len(long_prompt) + 160 > model.config.get_text_config().sliding_window  # its sliding layers wrap
+    reqs = [EngineRequest("long", long_prompt, params(7, max_new_tokens=160)),
+            EngineRequest("short", tok("hi").input_ids, params(8, max_new_tokens=64)),
+            EngineRequest("mid", tok("the middle one").input_ids, params(9, max_new_tokens=96))]
+    engine = Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode="static", sampler="exact"))
+    assert engine.static_encodes and engine.pool.spare_slot == 4
+    calls = []
+    inner = engine._static_encoder_forward
+    engine._static_encoder_forward = lambda slots, ids: (calls.append(list(slots)), inner(slots, ids))[1]
+    done, _ = run(engine, reqs)
+    assert calls and any(len(c) < 4 for c in calls)  # padded buckets were used
+    for req in reqs:
+        assert done[req.request_id].token_ids == reference(model, req.prompt_ids, req.params), req.request_id
+
+
 def test_a_late_arrival_joins_a_running_batch_and_finishes_correctly(model, tiny_model):
     first, late = mixed_requests(tiny_model[1])[1], mixed_requests(tiny_model[1])[3]
     engine = Engine(model, EngineConfig(max_batch=4, max_context=512, sampler="exact"))

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from worker import sampler
-from worker.graphs import StaticStep, buckets_for
-from worker.kvcache import DecoderCacheView, EncoderBatch, KVPool, _LayerView
+from worker.graphs import StaticEncode, StaticStep, buckets_for
+from worker.kvcache import DecoderCacheView, EncoderBatch, KVPool, StaticEncoderCache, _LayerView
 from worker.quantize import is_quantized
 from worker.types import (
     CanvasEvent,
@@ -100,7 +100,10 @@ class Engine:
         self.vocab_size: int = self.text_config.vocab_size
         self.device = next(model.parameters()).device
         self.dtype = model.model.decoder.embed_tokens.weight.dtype
-        self.pool = KVPool(self.text_config, self.config.max_batch, self.config.max_context, self.device, self.dtype)
+        fixed_shapes = self.config.decode_mode in ("static", "graphs") or (
+            self.config.decode_mode == "auto" and self.device.type == "cuda")
+        self.pool = KVPool(self.text_config, self.config.max_batch, self.config.max_context, self.device, self.dtype,
+                           spare=fixed_shapes)
         self.rows: list[_Row] = []  # rows[i].slot == i
         self.pending: list[EngineRequest] = []
         self.cancelled: set[str] = set()
@@ -118,7 +121,8 @@ class Engine:
         self.decode_mode = mode
         self.sampler_mode = self._resolve_sampler(self.config.sampler)
         self.static_steps: dict[int, StaticStep] = {}
-        if mode in ("static", "graphs"):
+        self.static_encodes: dict[int, StaticEncode] = {}
+        if mode in ("static", "graphs") and self.pool.spare_slot is not None:
             self._build_static_steps(capture=mode == "graphs")
 
     def _resolve_sampler(self, mode: str) -> str:
@@ -250,7 +254,10 @@ class Engine:
         if not batch:
             return
         try:
-            self._encoder_forward([r.slot for r, _ in batch], [ids for _, ids in batch])
+            if what == "canvas" and self.static_encodes:  # L tokens per row: the fixed-shape (captured) pass
+                self._static_encoder_forward([r.slot for r, _ in batch], [ids for _, ids in batch])
+            else:
+                self._encoder_forward([r.slot for r, _ in batch], [ids for _, ids in batch])
         except Exception as exc:
             log.exception("%s encoding failed for %d rows", what, len(batch))
             for row, _ in batch:
@@ -277,6 +284,59 @@ class Engine:
             hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=masks[kind],
                            position_ids=positions, cache=batch)
         batch.commit()
+
+    def _static_encoder_forward(self, slots: list[int], ids: list[list[int]]) -> None:
+        """`_encoder_forward` for committed canvases, through the smallest encode bucket that holds them."""
+        n, L, dev = len(slots), self.canvas_length, self.device
+        bucket = min(b for b in self.static_encodes if b >= n)
+        step = self.static_encodes[bucket]
+        pad = self.text_config.pad_token_id or 0
+        totals = [self.pool.total[s] for s in slots]
+        row_ids = torch.full((bucket, L), pad, dtype=torch.long)
+        row_ids[:n] = torch.tensor(ids, dtype=torch.long)
+        row_slots = torch.full((bucket,), self.pool.spare_slot, dtype=torch.long)
+        row_slots[:n] = torch.tensor(slots, dtype=torch.long)
+        total = torch.zeros(bucket, dtype=torch.long)
+        total[:n] = torch.tensor(totals, dtype=torch.long)
+        j = torch.arange(L)
+        step.ids.copy_(row_ids)
+        step.slots.copy_(row_slots)
+        step.positions.copy_(total[:, None] + j)
+        step.scatter.copy_(total[:, None] + j)
+        window = self.pool.window
+        for kind, mask in step.masks.items():
+            cap = mask.shape[-1] - L
+            held = torch.zeros(bucket, dtype=torch.long)
+            held[:n] = torch.tensor([self.pool.held_kind(s, kind) for s in slots], dtype=torch.long)
+            t = torch.arange(cap)
+            past_ok = t[None, None, :] < held[:, None, None]  # (bucket, 1, cap): what each slot holds
+            new_ok = (j[None, :] <= j[:, None])[None]  # (1, L, L): causal over the new tokens
+            if kind == "sliding_attention":
+                past_ok = past_ok & ((j[None, :, None] + held[:, None, None] - t[None, None, :]) < window)
+                new_ok = new_ok & ((j[:, None] - j[None, :]) < window)[None]
+                keep = torch.clamp(held + L, max=window - 1)
+                src = (held + L - keep)[:, None] + t[None, :]  # index into past + new, for each kept position
+                step.gather.copy_(torch.where(src < held[:, None], src, cap + src - held[:, None]).clamp(
+                    max=cap + L - 1))
+            allowed = torch.cat([past_ok.expand(bucket, L, cap), new_ok.expand(bucket, L, L)], dim=-1)[:, None]
+            allowed = allowed.to(dev)
+            if mask.dtype == torch.bool:
+                mask.copy_(allowed)
+            else:
+                mask.copy_(torch.zeros_like(mask).masked_fill(~allowed, torch.finfo(mask.dtype).min))
+        step.run(self._static_encode_forward)
+        for slot, past in zip(slots, totals, strict=True):
+            self.pool.total[slot] = past + L
+
+    def _static_encode_forward(self, step: StaticEncode) -> None:
+        enc = self.model.model.encoder.language_model
+        hidden = enc.embed_tokens(step.ids)
+        rope = {t: enc.rotary_emb(hidden, step.positions, t) for t in enc.unique_layer_types}
+        cache = StaticEncoderCache(self.pool, step)
+        for i, layer in enumerate(enc.layers[: self.text_config.num_hidden_layers]):
+            kind = self.text_config.layer_types[i]
+            hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=step.masks[kind],
+                           position_ids=step.positions, cache=cache)
 
     def _as_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Boolean (True: attend) for sdpa and flex; additive for eager attention."""
@@ -330,24 +390,29 @@ class Engine:
         mask_dtype = self.dtype if self._eager else torch.bool
         buckets = buckets_for(self.config.max_batch)
         mempool = torch.cuda.graph_pool_handle() if capture else None
-        bar = tqdm(sorted(buckets, reverse=True), desc="capturing decoder steps" if capture else "static steps",
-                   unit="bucket", disable=not capture)
+        bar = tqdm(sorted(buckets, reverse=True), desc="capturing decoder steps and canvas encodes" if capture
+                   else "static steps", unit="bucket", disable=not capture)
+        L = self.canvas_length
         with self._no_autograd():
             for bucket in bar:  # largest first, so smaller ones reuse its memory pool
-                step = StaticStep(bucket, self.canvas_length, self.text_config.hidden_size, widths, self.device,
-                                  self.dtype, mask_dtype)
-                for m in step.masks.values():  # a valid mask (canvas only) for warm-up and capture
-                    m[..., -self.canvas_length:] = True if mask_dtype == torch.bool else 0.0
+                step = StaticStep(bucket, L, self.text_config.hidden_size, widths, self.device, self.dtype,
+                                  mask_dtype)
+                encode = StaticEncode(bucket, L, widths, self.pool.spare_slot, self.device, mask_dtype)
+                for m in [*step.masks.values(), *encode.masks.values()]:  # valid masks for warm-up and capture
+                    m[..., -L:] = True if mask_dtype == torch.bool else 0.0
                 if capture:
-                    try:
+                    try:  # the encode's warm-up writes into the spare slot only
                         seconds = step.capture(self._static_forward, mempool)
+                        seconds += encode.capture(self._static_encode_forward, mempool)
                     except Exception:  # serve without graphs rather than not at all
                         log.exception("CUDA graph capture failed at bucket %d; decoding eagerly instead", bucket)
                         self.static_steps.clear()
+                        self.static_encodes.clear()
                         self.decode_mode = "eager"
                         return
                     bar.set_postfix(bucket=bucket, seconds=f"{seconds:.1f}")
                 self.static_steps[bucket] = step
+                self.static_encodes[bucket] = encode
 
     def _static_forward(self, step: StaticStep) -> torch.Tensor:
         cache = DecoderCacheView([_LayerView(k[: step.bucket], v[: step.bucket])

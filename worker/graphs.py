@@ -1,4 +1,4 @@
-"""Fixed-shape decoder steps, captured once as CUDA graphs.
+"""Fixed-shape decoder steps and committed-canvas encoder passes, captured once as CUDA graphs.
 
 The batched decoder forward is the hot loop. For a few batch sizes ("buckets") we keep static input
 buffers shaped (bucket, canvas) and attend over the pool's whole capacity with a mask, so the shapes
@@ -28,23 +28,14 @@ def buckets_for(max_batch: int, sizes: tuple[int, ...] = DEFAULT_BUCKETS) -> lis
     return sorted(set(out))
 
 
-class StaticStep:
-    """One bucket: static buffers, and (on CUDA) the captured graph of `forward` over them."""
+class _Captured:
+    """Static buffers of one bucket, and (on CUDA) the captured graph of a forward over them."""
 
-    def __init__(self, bucket: int, canvas_length: int, hidden: int, mask_widths: dict[str, int],
-                 device: torch.device, dtype: torch.dtype, mask_dtype: torch.dtype):
-        self.bucket = bucket
-        L = canvas_length
-        self.canvas = torch.zeros((bucket, L), dtype=torch.long, device=device)
-        self.soft = torch.zeros((bucket, L, hidden), dtype=dtype, device=device)
-        self.positions = torch.zeros((bucket, L), dtype=torch.long, device=device)
-        # one mask per layer type over (cache capacity + canvas); True (or 0.0): attend
-        self.masks = {kind: torch.zeros((bucket, 1, L, width + L), dtype=mask_dtype, device=device)
-                      for kind, width in mask_widths.items()}
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.output: torch.Tensor | None = None
+    bucket: int
+    graph: torch.cuda.CUDAGraph | None = None
+    output: torch.Tensor | None = None
 
-    def capture(self, forward: Callable[[StaticStep], torch.Tensor], pool) -> float:
+    def capture(self, forward: Callable, pool) -> float:
         """Warm up on a side stream, then capture. Returns the seconds it took."""
         started = time.perf_counter()
         stream = torch.cuda.Stream()
@@ -59,9 +50,46 @@ class StaticStep:
         torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    def run(self, forward: Callable[[StaticStep], torch.Tensor]) -> torch.Tensor:
+    def run(self, forward: Callable) -> torch.Tensor | None:
         if self.graph is not None:
             self.graph.replay()
-            assert self.output is not None
             return self.output
         return forward(self)
+
+
+class StaticStep(_Captured):
+    """One bucket of the batched decoder step."""
+
+    def __init__(self, bucket: int, canvas_length: int, hidden: int, mask_widths: dict[str, int],
+                 device: torch.device, dtype: torch.dtype, mask_dtype: torch.dtype):
+        self.bucket = bucket
+        L = canvas_length
+        self.canvas = torch.zeros((bucket, L), dtype=torch.long, device=device)
+        self.soft = torch.zeros((bucket, L, hidden), dtype=dtype, device=device)
+        self.positions = torch.zeros((bucket, L), dtype=torch.long, device=device)
+        # one mask per layer type over (cache capacity + canvas); True (or 0.0): attend
+        self.masks = {kind: torch.zeros((bucket, 1, L, width + L), dtype=mask_dtype, device=device)
+                      for kind, width in mask_widths.items()}
+
+
+class StaticEncode(_Captured):
+    """One bucket of the encoder pass over committed canvases (L new tokens per row, after what each row holds).
+
+    Rows are gathered from their pool slots by index, so they need not be contiguous; padding rows point at
+    the pool's spare slot. Per layer type: the mask over (capacity + L) keys, and where the new keys go: full
+    layers scatter the L keys after the row's past (`scatter`), sliding layers rebuild the window from
+    (past + new) with one gather (`gather`).
+    """
+
+    def __init__(self, bucket: int, canvas_length: int, mask_widths: dict[str, int], spare_slot: int,
+                 device: torch.device, mask_dtype: torch.dtype):
+        self.bucket = bucket
+        L = canvas_length
+        self.ids = torch.zeros((bucket, L), dtype=torch.long, device=device)
+        self.positions = torch.zeros((bucket, L), dtype=torch.long, device=device)
+        self.slots = torch.full((bucket,), spare_slot, dtype=torch.long, device=device)
+        self.masks = {kind: torch.zeros((bucket, 1, L, width + L), dtype=mask_dtype, device=device)
+                      for kind, width in mask_widths.items()}
+        self.scatter = torch.arange(L, device=device).repeat(bucket, 1)  # (bucket, L) positions of the new keys
+        width = mask_widths.get("sliding_attention", 0)
+        self.gather = torch.zeros((bucket, width), dtype=torch.long, device=device)  # (bucket, window capacity)

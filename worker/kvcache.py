@@ -31,9 +31,11 @@ class DecoderCacheView:
 
 
 class KVPool:
-    def __init__(self, text_config, rows: int, max_context: int, device, dtype: torch.dtype):
+    def __init__(self, text_config, rows: int, max_context: int, device, dtype: torch.dtype, spare: bool = False):
         self.text_config = text_config
         self.rows = rows
+        # `spare`: one more slot that no request owns, where fixed-shape passes send their padding rows
+        self.spare_slot: int | None = rows if spare else None
         self.max_context = max_context
         self.window = text_config.sliding_window
         self.layer_types: list[str] = list(text_config.layer_types)
@@ -43,14 +45,14 @@ class KVPool:
         for i, sliding in enumerate(self.sliding):
             layer_cfg = text_config.per_layer_config[i]
             cap = min(self.window - 1, max_context) if sliding else max_context
-            shape = (rows, layer_cfg.num_key_value_heads, cap, layer_cfg.head_dim)
+            shape = (rows + int(spare), layer_cfg.num_key_value_heads, cap, layer_cfg.head_dim)
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
-        self.total = [0] * rows  # tokens encoded into each slot
+        self.total = [0] * (rows + int(spare))  # tokens encoded into each slot
 
     @property
     def bytes_per_row(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k in self.keys) // self.rows
+        return sum(k[0].numel() * k.element_size() * 2 for k in self.keys)
 
     def capacity(self, kind: str) -> int:
         i = self.layer_types.index(kind)
@@ -171,3 +173,35 @@ class EncoderBatch:
         """After the forward: the slots now hold their new tokens."""
         for slot, past, n in zip(self.slots, self.past, self.new_lengths, strict=True):
             self.pool.total[slot] = past + n
+
+
+class StaticEncoderCache:
+    """The `cache` of a fixed-shape encoder pass (graphs.StaticEncode): the same contract as `EncoderBatch`,
+    with every shape fixed by the bucket and every per-row offset in the step's index buffers, so the pass can
+    be captured as a CUDA graph.
+
+    Attention sees, per row, the slot's whole capacity (past keys left-aligned, masked beyond what it holds)
+    followed by the L new keys. The pool then gets the new keys: after the past on full layers (a scatter), as
+    the last `window - 1` positions of past + new on sliding layers (a gather).
+    """
+
+    is_compileable = False
+
+    def __init__(self, pool: KVPool, step):
+        self.pool, self.step = pool, step
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        pool, step = self.pool, self.step
+        out = []
+        for store, new in ((pool.keys[layer_idx], key_states), (pool.values[layer_idx], value_states)):
+            past = store.index_select(0, step.slots)  # (bucket, heads, capacity, dim)
+            joined = torch.cat([past, new.to(past.dtype)], dim=2)
+            b, heads, cap, dim = past.shape
+            if pool.sliding[layer_idx]:
+                index = step.gather[:, None, :, None].expand(b, heads, cap, dim)
+                store.index_copy_(0, step.slots, joined.gather(2, index))
+            else:
+                index = step.scatter[:, None, :, None].expand(b, heads, new.shape[2], dim)
+                store.index_copy_(0, step.slots, past.scatter(2, index, new.to(past.dtype)))
+            out.append(joined)
+        return out[0], out[1]
