@@ -367,6 +367,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         init_from = {"path": str(cfg.init), "steps": previous.get("steps"), "seed": previous.get("seed"),
                      "device": previous.get("device"), "git": previous.get("versions", {}).get("git")}
         log(f"{task.name}: initialised from {cfg.init} (trained {init_from['steps']} steps before)")
+        if isinstance(task, SudokuTask) and not cfg.smoke:  # evaluate (and ship) with the sampling it was tuned to
+            gc = source.generation_config
+            task.settings = SamplerSettings(
+                max_denoising_steps=gc.max_denoising_steps, t_min=gc.t_min, t_max=gc.t_max,
+                entropy_bound=gc.sampler_config.entropy_bound, stability_threshold=gc.stability_threshold,
+                confidence_threshold=gc.confidence_threshold)
         del source
     model.train()
     model.generation_config = task.generation_config()
