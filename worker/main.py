@@ -13,6 +13,11 @@ log = logging.getLogger("dgserve.worker")
 
 def run_worker(settings: WorkerSettings) -> int:
     setup_logging(settings.log_level, settings.log_json)
+    if settings.quantization == "none":
+        # transformers imports torchao (when installed) with its model classes; on a CPU torchao's CUDA extensions
+        # fail to load and it registers enums torch warns about: noise for a worker that quantizes nothing
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import torch
 
     from worker.engine import Engine, EngineConfig
@@ -41,11 +46,6 @@ def run_worker(settings: WorkerSettings) -> int:
         server = serve_http(settings.metrics_host, settings.metrics_port, metrics.registry, ready)
         log.info("worker metrics and health on http://%s:%d", settings.metrics_host, server.server_port)
 
-    if settings.quantization == "none":
-        # transformers imports torchao (when installed) for every load; on a CPU its CUDA extensions fail to load
-        # and it registers enums torch warns about: noise for a worker that quantizes nothing
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:  # a setting this machine cannot honour is a clear message, not a traceback
         check_supported(settings.quantization, resolve_device(settings.device))
     except (ValueError, RuntimeError) as exc:
