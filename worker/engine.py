@@ -298,17 +298,18 @@ class Engine:
         row_slots[:n] = torch.tensor(slots, dtype=torch.long)
         total = torch.zeros(bucket, dtype=torch.long)
         total[:n] = torch.tensor(totals, dtype=torch.long)
-        j = torch.arange(L)
         step.ids.copy_(row_ids)
         step.slots.copy_(row_slots)
-        step.positions.copy_(total[:, None] + j)
-        step.scatter.copy_(total[:, None] + j)
+        step.positions.copy_(total[:, None] + torch.arange(L))
+        step.scatter.copy_(step.positions)
         window = self.pool.window
+        j = torch.arange(L, device=dev)  # the masks are large: built on the device that uses them
         for kind, mask in step.masks.items():
             cap = mask.shape[-1] - L
             held = torch.zeros(bucket, dtype=torch.long)
             held[:n] = torch.tensor([self.pool.held_kind(s, kind) for s in slots], dtype=torch.long)
-            t = torch.arange(cap)
+            held = held.to(dev)
+            t = torch.arange(cap, device=dev)
             past_ok = t[None, None, :] < held[:, None, None]  # (bucket, 1, cap): what each slot holds
             new_ok = (j[None, :] <= j[:, None])[None]  # (1, L, L): causal over the new tokens
             if kind == "sliding_attention":
@@ -319,7 +320,6 @@ class Engine:
                 step.gather.copy_(torch.where(src < held[:, None], src, cap + src - held[:, None]).clamp(
                     max=cap + L - 1))
             allowed = torch.cat([past_ok.expand(bucket, L, cap), new_ok.expand(bucket, L, L)], dim=-1)[:, None]
-            allowed = allowed.to(dev)
             if mask.dtype == torch.bool:
                 mask.copy_(allowed)
             else:
