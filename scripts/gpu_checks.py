@@ -108,6 +108,8 @@ def check_engine(results: dict) -> None:
         results.setdefault("engine_modes", {})[f"{mode}+{sampler_mode}"] = engine.decode_mode
         if mode == "graphs":  # committed canvases go through captured encoder passes too
             results["canvas_encode_graphs_captured"] = sum(e.graph is not None for e in engine.static_encodes.values())
+            # every decoder step and canvas encode should be a graph replay ("graph"), none "eager"/"static"
+            results[f"graphs_forwards_{sampler_mode}"] = {f"{k}/{p}": n for (k, p), n in engine.forwards.items()}
         return done
 
     for sampler_mode in ("fused", "exact"):

@@ -112,6 +112,8 @@ def test_committed_canvases_encode_through_the_fixed_shape_pass(model, tiny_mode
     engine._static_encoder_forward = lambda slots, ids: (calls.append(list(slots)), inner(slots, ids))[1]
     done, _ = run(engine, reqs)
     assert calls and any(len(c) < 4 for c in calls)  # padded buckets were used
+    assert engine.forwards[("canvas_encode", "static")] == len(calls)
+    assert engine.forwards[("decoder", "static")] > 0 and ("decoder", "eager") not in engine.forwards
     for req in reqs:
         assert done[req.request_id].token_ids == reference(model, req.prompt_ids, req.params), req.request_id
 

@@ -19,7 +19,7 @@ WORKER_METRICS = {
     "dgserve:denoising_steps": "counter", "dgserve:request_queue_time_seconds": "histogram",
     "dgserve:time_to_first_step_seconds": "histogram", "dgserve:time_per_denoising_step_seconds": "histogram",
     "dgserve:canvas_latency_seconds": "histogram", "dgserve:e2e_request_latency_seconds": "histogram",
-    "dgserve:tokens_per_forward": "histogram",
+    "dgserve:tokens_per_forward": "histogram", "dgserve:engine_forwards": "counter",
 }
 GATEWAY_METRICS = {
     "dgserve:http_requests": "counter", "dgserve:requests_accepted": "counter",
@@ -72,6 +72,11 @@ def test_metrics_appear_and_move(tiny_checkpoint, tmp_path):
                      "tokens_per_forward"):
             assert moved(before_w, after_w, f"dgserve:{hist}", "_count") >= 1, hist
         assert moved(before_w, after_w, "dgserve:canvas_latency_seconds", "_count") == usage["canvases"]
+        # a CPU worker decodes eagerly: one decoder forward per step of this lone request, one prompt encode
+        decoder = [s for s in after_w["dgserve:engine_forwards"].samples
+                   if s.name.endswith("_total") and s.labels["pass"] == "decoder"]
+        assert [s.labels["path"] for s in decoder] == ["eager"]
+        assert moved(before_w, after_w, "dgserve:engine_forwards", "_total") >= usage["denoising_steps"] + 1
         for name, kind in GATEWAY_METRICS.items():
             assert name in after_g and after_g[name].type == kind, name
         assert moved(before_g, after_g, "dgserve:requests_accepted", "_total") == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -109,6 +110,9 @@ class Engine:
         self.cancelled: set[str] = set()
         self._eager = model.config._attn_implementation == "eager"
         self.steps_run = 0
+        # batched forward passes by (pass, path): pass is decoder / canvas_encode / prompt_encode, path is graph
+        # (CUDA-graph replay), static (fixed shapes, run eagerly) or eager; exported as dgserve:engine_forwards
+        self.forwards: Counter[tuple[str, str]] = Counter()
         self.profile: list[dict[str, float]] | None = None  # set to [] to record per-step timings (syncs!)
         mode = self.config.decode_mode
         self.quantized = is_quantized(model)
@@ -258,6 +262,7 @@ class Engine:
                 self._static_encoder_forward([r.slot for r, _ in batch], [ids for _, ids in batch])
             else:
                 self._encoder_forward([r.slot for r, _ in batch], [ids for _, ids in batch])
+                self.forwards[(f"{what}_encode", "eager")] += 1
         except Exception as exc:
             log.exception("%s encoding failed for %d rows", what, len(batch))
             for row, _ in batch:
@@ -325,6 +330,7 @@ class Engine:
             else:
                 mask.copy_(torch.zeros_like(mask).masked_fill(~allowed, torch.finfo(mask.dtype).min))
         step.run(self._static_encode_forward)
+        self.forwards[("canvas_encode", "graph" if step.graph is not None else "static")] += 1
         for slot, past in zip(slots, totals, strict=True):
             self.pool.total[slot] = past + L
 
@@ -380,6 +386,7 @@ class Engine:
             return self._static_decoder_hidden(canvas, soft)
         cache, key_masks = self.pool.decoder_view(n)
         masks = {t: self._attention_mask(m, n, L) for t, m in key_masks.items()}
+        self.forwards[("decoder", "eager")] += 1
         return self._decoder_layers(canvas, soft, self._positions(), masks, cache)
 
     # ------------------------------------------------------- static / graphs
@@ -439,6 +446,7 @@ class Engine:
                 mask.copy_(allowed)
             else:
                 mask.copy_(torch.zeros_like(mask).masked_fill(~allowed, torch.finfo(mask.dtype).min))
+        self.forwards[("decoder", "graph" if step.graph is not None else "static")] += 1
         return step.run(self._static_forward)[:n]
 
     def _attention_mask(self, key_mask: torch.Tensor | None, n: int, L: int) -> torch.Tensor | None:

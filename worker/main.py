@@ -56,8 +56,10 @@ def run_worker(settings: WorkerSettings) -> int:
     model, tokenizer = load_model(settings.model_path, settings.device, settings.dtype, settings.quantization)
     engine = Engine(model, EngineConfig(max_batch=settings.max_batch, max_context=settings.max_context,
                                         sample_chunk_rows=settings.sample_chunk_rows))
-    log.info("engine ready: model=%s max_batch=%d max_context=%d kv=%.1f MB/row", settings.model_name,
-             settings.max_batch, settings.max_context, engine.pool.bytes_per_row / 1e6)
+    log.info("engine ready: model=%s max_batch=%d max_context=%d kv=%.1f MB/row decode=%s sampler=%s",
+             settings.model_name, settings.max_batch, settings.max_context, engine.pool.bytes_per_row / 1e6,
+             engine.decode_mode, engine.sampler_mode)
+    metrics.engine = engine
     runner = Runner(engine, tokenizer, settings.redis_url, settings.model_name, settings.worker_id,
                     heartbeat_interval_s=settings.heartbeat_interval_s, lease_ms=settings.lease_ms,
                     max_attempts=settings.max_attempts, observer=metrics.observer(), on_step=metrics.step)

@@ -51,6 +51,11 @@ class WorkerMetrics:
                                         labels, registry=r, buckets=LATENCY_BUCKETS)
         self.e2e = Histogram(P + "e2e_request_latency_seconds", "Time from accept to the final event", labels,
                              registry=r, buckets=LATENCY_BUCKETS)
+        self.forwards = Counter(P + "engine_forwards", "Batched forward passes, by pass (decoder, canvas_encode, "
+                                "prompt_encode) and how they ran (graph: CUDA-graph replay; static: fixed shapes run "
+                                "eagerly; eager)", labels + ["pass", "path"], registry=r)
+        self._forwards_seen: dict[tuple[str, str], int] = {}
+        self.engine = None
         self.tokens_per_forward = Histogram(P + "tokens_per_forward", "Generated tokens per denoising step",
                                             labels, registry=r, buckets=TPF_BUCKETS)
         self._first_seen: dict[str, float] = {}
@@ -112,6 +117,12 @@ class WorkerMetrics:
         self.batch_size.labels(m).observe(rows)
         self.running.labels(m).set(running)
         self.waiting.labels(m).set(pending)
+        if self.engine is not None:  # called on the engine's thread, between steps
+            for (kind, path), count in self.engine.forwards.items():
+                delta = count - self._forwards_seen.get((kind, path), 0)
+                if delta:
+                    self.forwards.labels(m, kind, path).inc(delta)
+                    self._forwards_seen[(kind, path)] = count
 
 
 def serve_http(host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
