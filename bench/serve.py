@@ -550,7 +550,8 @@ class EngineMode:
             ws = WorkerSettings(max_batch=args.max_batch, max_context=args.max_context, device=args.device,
                                 torch_threads=args.torch_threads)
             torch.set_num_threads(ws.torch_threads)
-            model, self.tokenizer = load_model(checkpoint, ws.device, ws.dtype, ws.quantization)
+            model, self.tokenizer = load_model(checkpoint, ws.device, ws.dtype, ws.quantization,
+                                               ws.experts_implementation)
             self.engine = Engine(model, EngineConfig(max_batch=ws.max_batch, max_context=ws.max_context,
                                                      sample_chunk_rows=ws.sample_chunk_rows))
         self.step_ms: list[float] = []

@@ -208,3 +208,18 @@ def test_no_growth_of_live_tensors_across_1000_steps(model, tiny_model):
     after = live_tensors()
     assert counter > 100  # many requests came and went
     assert after <= before + 8, (before, after)  # per-row state only: no accumulation
+
+
+def test_every_experts_implementation_gives_the_same_tokens(tiny_checkpoint, tiny_model):
+    """DG_EXPERTS_IMPLEMENTATION picks transformers' MoE kernels (the GPU benchmark compares their speed); on
+    the same weights and seed they decode the same tokens."""
+    from worker.loading import load_model
+
+    req = mixed_requests(tiny_model[1])[1]
+    tokens = {}
+    for impl in ("grouped_mm", "batched_mm", "eager"):
+        m, _ = load_model(str(tiny_checkpoint), device="cpu", dtype="float32", experts_implementation=impl)
+        assert m.config.get_text_config()._experts_implementation == impl
+        done, _ = run(Engine(m, EngineConfig(max_batch=2, max_context=512, sampler="exact")), [req])
+        tokens[impl] = done[req.request_id].token_ids
+    assert tokens["batched_mm"] == tokens["grouped_mm"] == tokens["eager"]

@@ -53,7 +53,8 @@ def run_worker(settings: WorkerSettings) -> int:
         if server is not None:
             server.shutdown()
         return 2
-    model, tokenizer = load_model(settings.model_path, settings.device, settings.dtype, settings.quantization)
+    model, tokenizer = load_model(settings.model_path, settings.device, settings.dtype, settings.quantization,
+                                  settings.experts_implementation)
     engine = Engine(model, EngineConfig(max_batch=settings.max_batch, max_context=settings.max_context,
                                         sample_chunk_rows=settings.sample_chunk_rows))
     log.info("engine ready: model=%s max_batch=%d max_context=%d kv=%.1f MB/row decode=%s sampler=%s",

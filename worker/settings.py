@@ -26,6 +26,9 @@ class WorkerSettings(BaseSettings):
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
     # weight-only, through torchao (worker/quantize.py): int4 for 24 GB cards (CUDA), int8 (CPU or CUDA), fp8 (CUDA)
     quantization: Literal["none", "int4", "int8", "fp8"] = "none"
+    # transformers' mixture-of-experts kernels: auto (transformers' default, grouped_mm where the card has it;
+    # quantized weights always use eager) | grouped_mm | batched_mm | eager. bench/engine.py --experts compares them
+    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
     max_batch: int = Field(8, ge=1, le=1024)
     max_context: int = Field(2048, ge=16)
     sample_chunk_rows: int = Field(4, ge=1)
