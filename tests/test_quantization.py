@@ -19,7 +19,7 @@ from tests.procs import Service
 from training.model import decode, encode
 from worker.engine import Engine, EngineConfig
 from worker.loading import load_model
-from worker.quantize import from_pretrained_kwargs, is_quantized, quantize_model, weight_bytes
+from worker.quantize import from_pretrained_kwargs, is_quantized, is_quantized_tensor, quantize_model, weight_bytes
 from worker.types import DoneEvent, EngineRequest, SamplingParams
 
 TEXT = Path(__file__).resolve().parents[1] / "models" / "text"
@@ -35,20 +35,16 @@ def int8_model():
     return load_model(str(TEXT), device="cpu", quantization="int8")[0]
 
 
-def _quantized(w) -> bool:
-    return type(w).__module__.startswith("torchao")
-
-
 def test_int8_load_quantizes_experts_and_projections_once(float_model, int8_model):
     decoder, encoder = int8_model.model.decoder.layers, int8_model.model.encoder.language_model.layers
     for d, e in zip(decoder, encoder, strict=True):
         for w in (d.experts.gate_up_proj, d.experts.down_proj, d.self_attn.q_proj.weight, d.self_attn.o_proj.weight,
                   d.mlp.gate_proj.weight, d.mlp.down_proj.weight):
-            assert _quantized(w), type(w)
+            assert is_quantized_tensor(w), type(w)
         # encoder and decoder layers share their weights: one quantized copy, not two
         assert e.experts.gate_up_proj is d.experts.gate_up_proj
         assert e.self_attn.q_proj.weight is d.self_attn.q_proj.weight
-    assert not _quantized(int8_model.lm_head.weight)  # the tied embedding / output head stays as it was
+    assert not is_quantized_tensor(int8_model.lm_head.weight)  # the tied embedding / output head stays as it was
     assert int8_model.lm_head.weight is int8_model.model.decoder.embed_tokens.weight
     assert int8_model.config.get_text_config()._experts_implementation == "eager"
     assert is_quantized(int8_model) and not is_quantized(float_model)
@@ -94,7 +90,7 @@ def test_quantizing_in_memory_equals_quantizing_on_load(int8_model):
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(TEXT).eval()
     quantize_model(model, "int8")
     d, e = model.model.decoder.layers[0], model.model.encoder.language_model.layers[0]
-    assert _quantized(d.experts.down_proj) and e.experts.down_proj is d.experts.down_proj
+    assert is_quantized_tensor(d.experts.down_proj) and e.experts.down_proj is d.experts.down_proj
     assert weight_bytes(model) == weight_bytes(int8_model)
     ids = torch.tensor([[2, 17, 300, 1200]])
     with torch.no_grad():  # not inference_mode: torchao's tensors need version counters
@@ -139,7 +135,7 @@ def test_the_realscale_builder_quantizes_one_layer_at_a_time():
     model, info = build_realscale("tiny", torch.device("cpu"), "int8")
     float_model, _ = build_realscale("tiny", torch.device("cpu"), "none")
     for d, e in zip(model.model.decoder.layers, model.model.encoder.language_model.layers, strict=True):
-        assert _quantized(d.experts.gate_up_proj) and _quantized(d.self_attn.o_proj.weight)
+        assert is_quantized_tensor(d.experts.gate_up_proj) and is_quantized_tensor(d.self_attn.o_proj.weight)
         assert e.experts.gate_up_proj is d.experts.gate_up_proj and e.mlp.up_proj.weight is d.mlp.up_proj.weight
     # float32 -> int8 text layers (the scales add a little); the embedding and vision stub stay float32
     assert weight_bytes(model.model.decoder.layers) < 0.3 * weight_bytes(float_model.model.decoder.layers)

@@ -101,8 +101,16 @@ class Engine:
         self.vocab_size: int = self.text_config.vocab_size
         self.device = next(model.parameters()).device
         self.dtype = model.model.decoder.embed_tokens.weight.dtype
-        fixed_shapes = self.config.decode_mode in ("static", "graphs") or (
-            self.config.decode_mode == "auto" and self.device.type == "cuda")
+        mode = self.config.decode_mode
+        self.quantized = is_quantized(model)
+        if mode == "auto":
+            # quantized experts run transformers' per-expert loop, which reads the hit experts on the host:
+            # nothing a CUDA graph can capture
+            mode = "graphs" if self.device.type == "cuda" and not self.quantized else "eager"
+        if mode == "graphs" and self.device.type != "cuda":
+            raise ValueError("decode_mode 'graphs' needs a CUDA device")
+        self.decode_mode = mode
+        fixed_shapes = mode in ("static", "graphs")
         self.pool = KVPool(self.text_config, self.config.max_batch, self.config.max_context, self.device, self.dtype,
                            spare=fixed_shapes)
         self.rows: list[_Row] = []  # rows[i].slot == i
@@ -114,19 +122,10 @@ class Engine:
         # (CUDA-graph replay), static (fixed shapes, run eagerly) or eager; exported as dgserve:engine_forwards
         self.forwards: Counter[tuple[str, str]] = Counter()
         self.profile: list[dict[str, float]] | None = None  # set to [] to record per-step timings (syncs!)
-        mode = self.config.decode_mode
-        self.quantized = is_quantized(model)
-        if mode == "auto":
-            # quantized experts run transformers' per-expert loop, which reads the hit experts on the host:
-            # nothing a CUDA graph can capture
-            mode = "graphs" if self.device.type == "cuda" and not self.quantized else "eager"
-        if mode == "graphs" and self.device.type != "cuda":
-            raise ValueError("decode_mode 'graphs' needs a CUDA device")
-        self.decode_mode = mode
         self.sampler_mode = self._resolve_sampler(self.config.sampler)
         self.static_steps: dict[int, StaticStep] = {}
         self.static_encodes: dict[int, StaticEncode] = {}
-        if mode in ("static", "graphs") and self.pool.spare_slot is not None:
+        if fixed_shapes:
             self._build_static_steps(capture=mode == "graphs")
 
     def _resolve_sampler(self, mode: str) -> str:
@@ -324,11 +323,7 @@ class Engine:
                 src = (held + L - keep)[:, None] + t[None, :]  # index into past + new, for each kept position
                 step.gather.copy_(torch.where(src < held[:, None], src, cap + src - held[:, None]).clamp(
                     max=cap + L - 1))
-            allowed = torch.cat([past_ok.expand(bucket, L, cap), new_ok.expand(bucket, L, L)], dim=-1)[:, None]
-            if mask.dtype == torch.bool:
-                mask.copy_(allowed)
-            else:
-                mask.copy_(torch.zeros_like(mask).masked_fill(~allowed, torch.finfo(mask.dtype).min))
+            self._set_mask(mask, torch.cat([past_ok.expand(bucket, L, cap), new_ok.expand(bucket, L, L)], dim=-1))
         step.run(self._static_encode_forward)
         self.forwards[("canvas_encode", "graph" if step.graph is not None else "static")] += 1
         for slot, past in zip(slots, totals, strict=True):
@@ -343,6 +338,10 @@ class Engine:
             kind = self.text_config.layer_types[i]
             hidden = layer(hidden, position_embeddings=rope[kind], attention_mask=step.masks[kind],
                            position_ids=step.positions, cache=cache)
+
+    def _set_mask(self, buffer: torch.Tensor, allowed: torch.Tensor) -> None:
+        """Write a (bucket, L, keys) bool mask (True: attend) into a static (bucket, 1, L, keys) mask buffer."""
+        buffer.copy_(self._as_attention_mask(allowed[:, None]))
 
     def _as_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Boolean (True: attend) for sdpa and flex; additive for eager attention."""
@@ -441,11 +440,7 @@ class Engine:
             full = torch.zeros((bucket, width), dtype=torch.bool, device=self.device)
             full[:n] = keys
             allowed = torch.cat([full, torch.ones((bucket, L), dtype=torch.bool, device=self.device)], dim=-1)
-            allowed = allowed[:, None, None, :].expand(bucket, 1, L, width + L)
-            if mask.dtype == torch.bool:
-                mask.copy_(allowed)
-            else:
-                mask.copy_(torch.zeros_like(mask).masked_fill(~allowed, torch.finfo(mask.dtype).min))
+            self._set_mask(mask, allowed[:, None, :].expand(bucket, L, width + L))
         self.forwards[("decoder", "graph" if step.graph is not None else "static")] += 1
         return step.run(self._static_forward)[:n]
 

@@ -117,10 +117,14 @@ def quantize_model(model, kind: str, prefix: str = TEXT_LAYERS) -> None:
         model.set_experts_implementation("eager")
 
 
+def is_quantized_tensor(t: torch.Tensor) -> bool:
+    """A torchao tensor subclass (as a parameter or its data)."""
+    return type(t).__module__.startswith("torchao") or type(t.data).__module__.startswith("torchao")
+
+
 def is_quantized(model) -> bool:
-    """True when some weight is a torchao tensor subclass."""
-    return any(type(p).__module__.startswith("torchao") or type(p.data).__module__.startswith("torchao")
-               for p in model.parameters())
+    """True when some weight is quantized."""
+    return any(is_quantized_tensor(p) for p in model.parameters())
 
 
 def weight_bytes(model) -> int:
