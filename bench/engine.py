@@ -402,7 +402,7 @@ def realscale_main(args) -> dict:
     for mode, impl in runs:
         decode_mode, sampler = mode.split("+")
         key = mode if len(args.experts) == 1 else f"{mode} {impl}"
-        if impl != "default" and args.quantization == "none":
+        if impl != "auto" and args.quantization == "none":
             model.set_experts_implementation(impl)
         if impl == "eager" or args.quantization != "none":  # a host-side loop over experts: not capturable
             decode_mode = decode_mode.replace("graphs", "eager")
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-concurrency", type=ints, default=[1, 4, 16, 32], help="empty: no reference runs")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["graphs+fused"],
                    help="decode_mode+sampler pairs for ours, e.g. graphs+fused,eager+exact")
-    p.add_argument("--experts", type=lambda s: s.split(","), default=["default"],
+    p.add_argument("--experts", type=lambda s: s.split(","), default=["auto"],
                    help="transformers experts implementations to compare, e.g. grouped_mm,batched_mm,eager "
                         "(default: the model's own choice)")
     p.add_argument("--quantization", default="none", choices=["none", "int4", "int8", "fp8"],

@@ -32,14 +32,11 @@ from training.data import (  # noqa: E402
     is_valid_solution,
     load_sudoku_eval_set,
 )
+from training.evaluate import token_entropy  # noqa: E402
 from training.model import decode, encode  # noqa: E402
+from worker.sampler import entropy_bound_accept  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits, -1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 @torch.no_grad()
@@ -58,7 +55,7 @@ def solve(model, batch, mode: str, steps: int, t_max: float, t_min: float, bound
         logits = decode(model, canvas, cache, plen, sc_logits=soft).float() / temperature
         sampled = torch.multinomial(torch.softmax(logits, -1).view(-1, vocab), 1, generator=g).view(B, L)
         draft = torch.where(fixed, fixed_ids, logits.argmax(-1))
-        h = entropy(logits).masked_fill(fixed, 0.0)
+        h = token_entropy(logits).masked_fill(fixed, 0.0)
         if mode == "greedy":
             pick = h.masked_fill(fixed, float("inf")).argmin(-1, keepdim=True)
             new = torch.zeros_like(fixed).scatter(-1, pick, True) & ~fixed
@@ -66,9 +63,7 @@ def solve(model, batch, mode: str, steps: int, t_max: float, t_min: float, bound
             fixed = fixed | new
             accepted = fixed
         else:
-            ordered, order = torch.sort(h, -1)
-            keep = (torch.cumsum(ordered, -1) - ordered) <= bound
-            accepted = torch.zeros_like(keep).scatter(-1, order, keep) | fixed
+            accepted = entropy_bound_accept(h, torch.full((B,), bound)) | fixed
             if sticky > 0:
                 new = accepted & ~fixed & (h < sticky)
                 fixed_ids = torch.where(new, sampled, fixed_ids)

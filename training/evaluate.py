@@ -19,6 +19,7 @@ import torch
 
 from training.data import SudokuBatch, SudokuEvalSet, batch_from_puzzles, consistent, digits_from_ids, is_valid_solution
 from training.model import decode, diffusion_loss, encode
+from worker.sampler import entropy_bound_accept
 
 
 @dataclass
@@ -31,7 +32,8 @@ class SamplerSettings:
     confidence_threshold: float = 0.005
 
 
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dimension."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -67,12 +69,10 @@ def sample_canvas(model, prompt: torch.Tensor, settings: SamplerSettings, genera
         sampled = torch.multinomial(probs.view(-1, vocab), 1, generator=generator).view(batch, length)
         draft = clamp(logits.argmax(-1))
         sampled = clamp(sampled)
-        entropy = _entropy(logits)
+        entropy = token_entropy(logits)
         if fixed is not None:
             entropy = entropy.masked_fill(fixed, 0.0)
-        order_h, order = torch.sort(entropy, dim=-1)
-        selected = (torch.cumsum(order_h, -1) - order_h) <= settings.entropy_bound
-        accepted = torch.zeros_like(selected).scatter(-1, order, selected)
+        accepted = entropy_bound_accept(entropy, torch.full((batch,), settings.entropy_bound, device=device))
         if fixed is not None:
             accepted |= fixed
         noise = torch.randint(0, vocab, (batch, length), generator=generator, device=device)
