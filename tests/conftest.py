@@ -25,11 +25,6 @@ def tiny_model(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint, tmp_path_factory):
     """Redis + gateway + one worker, real processes, shared by a test module."""
-    svc = Service({"tiny": tiny_checkpoint}, tmp_path_factory.mktemp("logs"))
-    try:
-        svc.start_gateway()
-        svc.start_worker("tiny")
-        svc.wait_ready()
+    with Service({"tiny": tiny_checkpoint}, tmp_path_factory.mktemp("logs")) as svc:
+        svc.up("tiny")
         yield svc
-    finally:
-        svc.close()

@@ -93,6 +93,19 @@ class Service:
         self.workers.append(worker)
         return worker
 
+    def up(self, model: str, **settings: str) -> Proc:
+        """The gateway and one worker for `model` (worker settings as in `start_worker`), both ready."""
+        self.start_gateway()
+        worker = self.start_worker(model, **settings)
+        self.wait_ready()
+        return worker
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def wait_gateway(self, timeout: float = 60.0) -> None:
         """The gateway answers (whatever the workers)."""
         deadline = time.monotonic() + timeout

@@ -62,14 +62,9 @@ def test_the_sudoku_model_solves_fixed_puzzles_through_the_engine():
 
 @pytest.fixture(scope="module")
 def sudoku_service(tmp_path_factory):
-    svc = Service({"sudoku": MODELS / "sudoku"}, tmp_path_factory.mktemp("sudoku"))
-    try:
-        svc.start_gateway()
-        svc.start_worker("sudoku", max_batch=16)
-        svc.wait_ready()
+    with Service({"sudoku": MODELS / "sudoku"}, tmp_path_factory.mktemp("sudoku")) as svc:
+        svc.up("sudoku", max_batch=16)
         yield svc
-    finally:
-        svc.close()
 
 
 def test_post_sudoku_solves_and_says_so(sudoku_service):

@@ -45,9 +45,7 @@ def value(fams: dict, name: str, suffix: str = "") -> float:
 def test_metrics_appear_and_move(tiny_checkpoint, tmp_path):
     svc = Service({"tiny": tiny_checkpoint}, tmp_path)
     try:
-        svc.start_gateway()
-        worker = svc.start_worker("tiny")
-        svc.wait_ready()
+        worker = svc.up("tiny")
         before_w = families(svc.worker_metrics(worker))
         before_g = families(httpx.get(svc.url + "/metrics").text)
         for name, kind in WORKER_METRICS.items():

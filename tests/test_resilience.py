@@ -130,9 +130,7 @@ def test_kill9_worker_with_20_in_flight_loses_nothing(svc):
 
 def test_redis_stops_for_5_seconds_and_comes_back(svc):
     s = svc(DG_RETRY_AFTER_S="1")
-    s.start_gateway()
-    worker = s.start_worker("tiny", max_batch=8, lease_ms=3000, heartbeat_interval_s=0.5)
-    s.wait_ready()
+    worker = s.up("tiny", max_batch=8, lease_ms=3000, heartbeat_interval_s=0.5)
     tally = Tally("Redis down 5 s under load (AOF restart)")
     unavailable: list[str | None] = []
     stop = asyncio.Event()
@@ -183,9 +181,7 @@ def test_redis_stops_for_5_seconds_and_comes_back(svc):
 
 def test_50_websocket_clients_leave_mid_canvas(svc):
     s = svc()
-    s.start_gateway()
-    worker = s.start_worker("tiny", max_batch=64)
-    s.wait_ready()
+    worker = s.up("tiny", max_batch=64)
     tally = Tally("50 WebSocket clients disconnect mid-canvas")
 
     async def scenario():
@@ -218,9 +214,7 @@ def test_50_websocket_clients_leave_mid_canvas(svc):
 
 def test_overload_gets_429_quickly_and_the_accepted_all_complete(svc):
     s = svc(DG_MAX_QUEUE_DEPTH="4", DG_RETRY_AFTER_S="3")
-    s.start_gateway()
-    s.start_worker("tiny", max_batch=2)
-    s.wait_ready()
+    s.up("tiny", max_batch=2)
     tally = Tally("10x the queue depth at once")
     refused_in: list[float] = []
 
@@ -268,9 +262,7 @@ def test_a_request_queued_past_its_deadline_times_out(svc, tiny_checkpoint):
 
 def test_idempotency_key_returns_the_same_request(svc):
     s = svc()
-    s.start_gateway()
-    s.start_worker("tiny")
-    s.wait_ready()
+    s.up("tiny")
     body = {"prompt": "once", "seed": 1, "max_new_tokens": 16}
     a = httpx.post(s.url + "/generate", json=body, headers={"Idempotency-Key": "k-123"}, timeout=60).json()
     b = httpx.post(s.url + "/generate", json=body, headers={"Idempotency-Key": "k-123"}, timeout=60).json()
@@ -281,9 +273,7 @@ def test_idempotency_key_returns_the_same_request(svc):
 
 def test_attempts_exhausted_go_to_the_dead_letter_stream(svc):
     s = svc()
-    s.start_gateway()
-    first = s.start_worker("tiny", lease_ms=1500, heartbeat_interval_s=0.5)
-    s.wait_ready()
+    first = s.up("tiny", lease_ms=1500, heartbeat_interval_s=0.5)
 
     async def scenario():
         events: list[dict] = []
@@ -304,9 +294,7 @@ def test_attempts_exhausted_go_to_the_dead_letter_stream(svc):
 
 def test_sigterm_drains_a_worker_and_it_exits_0(svc):
     s = svc()
-    s.start_gateway()
-    worker = s.start_worker("tiny", drain_timeout_s=60)
-    s.wait_ready()
+    worker = s.up("tiny", drain_timeout_s=60)
 
     async def scenario():
         streams = [[] for _ in range(4)]
@@ -326,9 +314,7 @@ def test_sigterm_drains_a_worker_and_it_exits_0(svc):
 
 def test_sigterm_on_the_gateway_closes_websockets_with_1001(svc):
     s = svc()
-    s.start_gateway()
-    s.start_worker("tiny")
-    s.wait_ready()
+    s.up("tiny")
 
     async def scenario():
         async with websockets.connect(s.ws_url) as ws:
@@ -345,9 +331,7 @@ def test_sigterm_on_the_gateway_closes_websockets_with_1001(svc):
 
 def test_api_keys_on_http_and_websocket(svc):
     s = svc(DG_API_KEYS="key-one,key-two")
-    s.start_gateway()
-    s.start_worker("tiny")
-    s.wait_ready()
+    s.up("tiny")
     body = {"prompt": "secret", "max_new_tokens": 8}
     codes = [httpx.post(s.url + "/generate", json=body, headers=h, timeout=60).status_code
              for h in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer key-two"})]
@@ -378,9 +362,7 @@ def test_api_keys_on_http_and_websocket(svc):
 
 def test_oversized_and_malformed_websocket_frames(svc):
     s = svc(DG_MAX_WS_MESSAGE_BYTES="65536")
-    s.start_gateway()
-    s.start_worker("tiny")
-    s.wait_ready()
+    s.up("tiny")
 
     async def scenario():
         async with websockets.connect(s.ws_url, max_size=None) as ws:
@@ -399,18 +381,14 @@ def test_oversized_and_malformed_websocket_frames(svc):
 
 def test_oversized_http_body_gets_413(svc):
     s = svc(DG_MAX_BODY_BYTES="2048")
-    s.start_gateway()
-    s.start_worker("tiny")
-    s.wait_ready()
+    s.up("tiny")
     resp = httpx.post(s.url + "/generate", json={"prompt": "x" * 5000}, timeout=30)
     assert resp.status_code == 413 and "2048" in resp.json()["detail"]
 
 
 def test_sigterm_past_the_grace_period_hands_requests_back(svc):
     s = svc()
-    s.start_gateway()
-    first = s.start_worker("tiny", drain_timeout_s=1, lease_ms=2000, heartbeat_interval_s=0.5)
-    s.wait_ready()
+    first = s.up("tiny", drain_timeout_s=1, lease_ms=2000, heartbeat_interval_s=0.5)
 
     async def scenario():
         events: list[dict] = []

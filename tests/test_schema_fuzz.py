@@ -14,15 +14,10 @@ from tests.procs import Service  # noqa: E402
 @pytest.fixture(scope="module")
 def fuzz_service(tiny_checkpoint, tmp_path_factory):
     # small deployment limits keep every valid request quick on a CPU
-    svc = Service({"tiny": tiny_checkpoint}, tmp_path_factory.mktemp("fuzz"),
-                  gateway_env={"DG_MAX_NEW_TOKENS": "64", "DG_MAX_DENOISING_STEPS": "6", "DG_MAX_PROMPT_TOKENS": "256"})
-    try:
-        svc.start_gateway()
-        svc.start_worker("tiny", max_batch=16)
-        svc.wait_ready()
+    limits = {"DG_MAX_NEW_TOKENS": "64", "DG_MAX_DENOISING_STEPS": "6", "DG_MAX_PROMPT_TOKENS": "256"}
+    with Service({"tiny": tiny_checkpoint}, tmp_path_factory.mktemp("fuzz"), gateway_env=limits) as svc:
+        svc.up("tiny", max_batch=16)
         yield svc
-    finally:
-        svc.close()
 
 
 def test_no_server_errors_and_every_4xx_says_why(fuzz_service):
