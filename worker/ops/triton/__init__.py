@@ -1,0 +1,1 @@
+"""Triton kernels of the `dgserve` ops (see worker/ops/triton_kernels.py)."""
