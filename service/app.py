@@ -16,57 +16,16 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.broker import REDIS_DOWN, Broker, Overloaded
 from service.deps import Gateway
+from service.edge import BodyLimit, CountRequests
 from service.metrics import GatewayMetrics
 from service.registry import Registry
 from service.routes import generate, health, openai, playground, sudoku, ws
 from service.settings import GatewaySettings
 
 log = logging.getLogger("dgserve.gateway")
-
-
-class BodyLimit:
-    """Refuse bodies over `limit` bytes with a 413 naming the limit (Content-Length or streamed)."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send: Send) -> None:
-        response = JSONResponse({"detail": f"request body is larger than {self.limit} bytes"}, status_code=413)
-        await response({"type": "http"}, _no_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
 
 
 async def _refresh_gauges(gateway: Gateway) -> None:
@@ -89,12 +48,13 @@ async def _refresh_gauges(gateway: Gateway) -> None:
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     settings = settings or GatewaySettings()
+    metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = await run_in_threadpool(Registry.load, settings.model_paths(), settings.default_model_name())
         broker = Broker(settings.redis_url)
-        gateway = Gateway(settings=settings, registry=registry, broker=broker, metrics=GatewayMetrics())
+        gateway = Gateway(settings=settings, registry=registry, broker=broker, metrics=metrics)
         app.state.gateway = gateway
         refresher = asyncio.create_task(_refresh_gauges(gateway))
         log.info("gateway ready: models %s (default %s)", sorted(registry.models), registry.default)
@@ -107,17 +67,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(title="dgserve", version="0.1.0", lifespan=lifespan,
                   description="DiffusionGemma serving: continuous batching, every denoising step streamed.")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)  # pure ASGI: routes still see the client leave
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        request.app.state.gateway.metrics.http.labels(getattr(route, "path", "unmatched"),
-                                                      str(response.status_code)).inc()
-        return response
 
     def error(request: Request, status: int, message: str, code: str, headers: dict | None = None,
               kind: str = "server_error") -> JSONResponse:

@@ -1,0 +1,172 @@
+"""The service against a determined adversary (issue 14): every hole found in a black-box attack, kept closed.
+
+One service for the module (a real Redis with AOF, the gateway, one CPU worker; API keys k1 and k2), attacked
+through real HTTP, WebSocket and `openai` clients. Every input goes through `Attack`, whose tally the module
+prints at the end: inputs tried, 4xx, 5xx (must be 0), connections dropped (must be 0), requests lost or
+duplicated (must be 0), and whether the worker was alive after each test (each test is a batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import string
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import redis
+import websockets
+
+from dgserve import contract
+from tests.procs import Service
+
+pytestmark = pytest.mark.slow
+
+K1, K2 = "k1-adversarial-key", "k2-adversarial-key"
+AUTH1, AUTH2 = {"Authorization": f"Bearer {K1}"}, {"Authorization": f"Bearer {K2}"}
+PUZZLE = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
+# an untrained model never gets confident: these run their whole step budget (many seconds) unless cancelled
+SLOW = {"max_denoising_steps": 300, "confidence_threshold": 1e-9}
+
+
+@dataclass
+class Tally:
+    inputs: int = 0
+    status: Counter = field(default_factory=Counter)
+    dropped: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    alive: list[str] = field(default_factory=list)
+
+    def answer(self, code: int) -> None:
+        self.inputs += 1
+        self.status[f"{code // 100}xx"] += 1
+
+    def report(self) -> str:
+        return (f"inputs tried {self.inputs}; 2xx {self.status['2xx']}, 4xx {self.status['4xx']}, "
+                f"5xx {self.status['5xx']}; connections dropped {len(self.dropped)}; requests lost "
+                f"{len(self.lost)}, duplicated {len(self.duplicated)}; worker alive after each batch: "
+                f"{', '.join(self.alive)}")
+
+
+class Attack:
+    """The module's service and the clients that attack it; every answer is tallied."""
+
+    def __init__(self, svc: Service, worker, tally: Tally):
+        self.svc, self.worker, self.tally = svc, worker, tally
+        self.redis = redis.Redis.from_url(svc.redis.url)
+        self.http = httpx.Client(base_url=svc.url, timeout=120, headers=AUTH1)  # one keep-alive connection
+
+    def post(self, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
+        try:
+            resp = self.http.post(path, headers=headers, **kwargs)
+        except httpx.TransportError as exc:
+            self.tally.inputs += 1
+            self.tally.dropped.append(f"POST {path}: {exc!r}")
+            raise
+        self.tally.answer(resp.status_code)
+        return resp
+
+    def cancels(self) -> list[str]:
+        """Request ids in the broadcast cancel stream, oldest first."""
+        return [f[b"request_id"].decode() for _, f in self.redis.xrange(contract.CANCELS)]
+
+    def status(self, rid: str) -> str:
+        return (self.redis.hget(contract.request_key(rid), "status") or b"").decode()
+
+    def final_types(self, rid: str) -> list[str]:
+        kinds = [json.loads(f[contract.EVENT_FIELD.encode()])["type"]
+                 for _, f in self.redis.xrange(contract.events_key(rid))]
+        return [k for k in kinds if k in contract.FINAL_TYPES]
+
+
+def adversarial_checkpoint(out: Path) -> Path:
+    """An untrained DiffusionGemma with one token per printable character and an 81-position canvas, so that
+    one model serves /generate, /v1 and /sudoku."""
+    from worker.checkpoints import char_tokenizer, generation_config, random_model, save_checkpoint, tiny_config
+
+    tok = char_tokenizer(string.digits + string.ascii_letters + string.punctuation + " ")
+    model = random_model(tiny_config(vocab_size=len(tok), canvas_length=81), seed=0)
+    model.generation_config = generation_config(max_new_tokens=81, max_denoising_steps=8)
+    return save_checkpoint(model, tok, out)
+
+
+@pytest.fixture(scope="module")
+def attack(tmp_path_factory) -> Iterator[Attack]:
+    root = tmp_path_factory.mktemp("adversarial")
+    checkpoint = adversarial_checkpoint(root / "adv")
+    env = {"DG_API_KEYS": f"{K1},{K2}", "DG_DEFAULT_MODEL": "adv"}
+    tally = Tally()
+    with Service({"adv": checkpoint}, root, gateway_env=env) as svc:
+        worker = svc.up("adv", max_batch=16, lease_ms=2000, heartbeat_interval_s=0.5)
+        attack = Attack(svc, worker, tally)
+        yield attack
+        attack.http.close()
+    print(f"\n[adversarial] {tally.report()}")
+    assert tally.status["5xx"] == 0 and not tally.dropped, (tally.dropped, tally.status)
+    assert not tally.lost and not tally.duplicated, (tally.lost, tally.duplicated)
+
+
+@pytest.fixture(autouse=True)
+def batch(request, attack: Attack) -> Iterator[None]:
+    """Each test is a batch of attacks: afterwards the worker and the gateway must still be alive."""
+    yield
+    alive = attack.worker.alive() and attack.svc.gateway.alive()
+    attack.tally.alive.append(f"{request.node.name}: {'yes' if alive else 'NO'}")
+    assert alive, attack.worker.log()[-3000:]
+
+
+def wait_for(predicate, timeout: float, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    return predicate()
+
+
+# ----------------------------------------------------------------- 1: leaving cancels
+def hang_up_after(seconds: float, call) -> None:
+    """Run `call` with a client timeout of `seconds`: the client closes its connection then."""
+    with pytest.raises((httpx.TimeoutException, openai.APITimeoutError)):
+        call(seconds)
+
+
+@pytest.mark.parametrize("route", ["generate", "v1", "sudoku"])
+def test_a_client_that_hangs_up_cancels_its_request(attack: Attack, route: str):
+    """Item 1: a non-streaming request whose client leaves after 1 s is cancelled, not run to `done`."""
+    before = len(attack.cancels())
+    url = attack.svc.url
+    if route == "generate":
+        def call(t):
+            httpx.post(url + "/generate", json={"prompt": "leave me", "max_new_tokens": 810, **SLOW},
+                       headers=AUTH1, timeout=t)
+        expected = 1
+    elif route == "v1":
+        def call(t):
+            client = openai.OpenAI(base_url=url + "/v1", api_key=K1, max_retries=0, timeout=t)
+            client.completions.create(model="adv", prompt="leave me", max_tokens=810, n=2, extra_body=SLOW)
+        expected = 2
+    else:
+        def call(t):
+            httpx.post(url + "/sudoku", json={"puzzle": PUZZLE, "model": "adv", "attempts": 3, "seed": 1,
+                                              "max_denoising_steps": 1000, "confidence_threshold": 1e-9},
+                       headers=AUTH1, timeout=t)
+        expected = 3
+    left = time.monotonic()
+    hang_up_after(1.0, call)
+    attack.tally.inputs += 1
+    cancelled = wait_for(lambda: attack.cancels()[before:] if len(attack.cancels()) >= before + expected else None,
+                         timeout=5)
+    assert cancelled and len(set(cancelled)) == expected, f"no cancel after the client left: {cancelled}"
+    ended = wait_for(lambda: all(attack.status(r) == "cancelled" for r in cancelled), timeout=10)
+    print(f"\n{route}: {expected} request(s) cancelled {time.monotonic() - left:.1f} s after the client left")
+    assert ended, [attack.status(r) for r in cancelled]
+    assert all(attack.final_types(r) == ["error"] for r in cancelled)
