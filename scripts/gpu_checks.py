@@ -100,14 +100,11 @@ def check_engine(results: dict) -> None:
 
     def run(mode: str, sampler_mode: str, batch: list[EngineRequest]) -> dict[str, list[int]]:
         engine = Engine(model, EngineConfig(max_batch=8, max_context=1536, decode_mode=mode, sampler=sampler_mode))
-        for r in batch:
-            engine.add(r)
-        done = {}
-        while engine.has_work():
-            done.update({e.request_id: e.token_ids for e in engine.step() if isinstance(e, DoneEvent)})
+        done = {rid: e.token_ids for rid, e in engine.complete(batch).items() if isinstance(e, DoneEvent)}
         results.setdefault("engine_modes", {})[f"{mode}+{sampler_mode}"] = engine.decode_mode
         if mode == "graphs":  # committed canvases go through captured encoder passes too
-            results["canvas_encode_graphs_captured"] = sum(e.graph is not None for e in engine.static_encodes.values())
+            results["canvas_encode_graphs_captured"] = sum(
+                e.graph is not None for e in engine.runner.encode_buckets.values())
             # every decoder step and canvas encode should be a graph replay ("graph"), none "eager"/"static"
             results[f"graphs_forwards_{sampler_mode}"] = {f"{k}/{p}": n for (k, p), n in engine.forwards.items()}
         return done

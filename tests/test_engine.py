@@ -23,19 +23,13 @@ def params(seed: int, **kw) -> SamplingParams:
 
 
 def run(engine: Engine, requests: list[EngineRequest], joins: dict[int, list[EngineRequest]] | None = None):
-    """Drive the engine until idle; `joins[k]` are added before step k. Returns (done events, steps)."""
-    for r in requests:
-        engine.add(r)
+    """Drive the engine until idle; `joins[k]` are added before step k. Returns (final events, steps)."""
     done: dict[str, DoneEvent | ErrorEvent] = {}
-    step = 0
-    while engine.has_work() or (joins and any(k >= step for k in joins)):
-        for r in (joins or {}).get(step, []):
-            engine.add(r)
-        for ev in engine.step():
-            if isinstance(ev, DoneEvent | ErrorEvent):
-                done[ev.request_id] = ev
-        step += 1
-    return done, step
+    steps = 0
+    for events in engine.generate(requests, joins):
+        steps += 1
+        done.update({e.request_id: e for e in events if isinstance(e, DoneEvent | ErrorEvent)})
+    return done, steps
 
 
 def reference(model, prompt: list[int], p: SamplingParams) -> list[int]:
@@ -96,23 +90,27 @@ def test_batching_does_not_change_results(model, tiny_model, mode, sampler_mode)
 
 
 def test_committed_canvases_encode_through_the_fixed_shape_pass(model, tiny_model):
-    """In static/graphs mode committed canvases are encoded by the bucketed pass (captured on a GPU): rows
-    gathered from any slots, padding rows in the spare slot, sliding windows rebuilt past their capacity. The
-    tokens stay exactly the reference's."""
+    """In static/graphs mode prompts (in chunks of one canvas) and committed canvases are encoded by the bucketed
+    pass (captured on a GPU): rows from any slots, padding rows in the spare slot, sliding windows rebuilt past their
+    capacity. The tokens stay exactly the reference's."""
     tok = tiny_model[1]
     long_prompt = tok("a prompt of some length " * 4).input_ids
     assert len(long_prompt) + 160 > model.config.get_text_config().sliding_window  # its sliding layers wrap
+    assert len(long_prompt) > model.config.canvas_length  # its prompt takes two chunks
     reqs = [EngineRequest("long", long_prompt, params(7, max_new_tokens=160)),
             EngineRequest("short", tok("hi").input_ids, params(8, max_new_tokens=64)),
             EngineRequest("mid", tok("the middle one").input_ids, params(9, max_new_tokens=96))]
     engine = Engine(model, EngineConfig(max_batch=4, max_context=512, decode_mode="static", sampler="exact"))
-    assert engine.static_encodes and engine.pool.spare_slot == 4
+    assert sorted(engine.runner.encode_buckets) == [1, 2, 4] and engine.pool.spare_slot == 4
     calls = []
-    inner = engine._static_encoder_forward
-    engine._static_encoder_forward = lambda slots, ids: (calls.append(list(slots)), inner(slots, ids))[1]
+    inner = engine.runner._encode_block
+    engine.runner._encode_block = lambda slots, ids, what: (calls.append((what, list(slots))),
+                                                            inner(slots, ids, what))[1]
     done, _ = run(engine, reqs)
-    assert calls and any(len(c) < 4 for c in calls)  # padded buckets were used
-    assert engine.forwards[("canvas_encode", "static")] == len(calls)
+    canvas_calls = [slots for what, slots in calls if what == "canvas"]
+    assert canvas_calls and any(len(c) < 4 for c in canvas_calls)  # padded buckets were used
+    assert engine.forwards[("canvas_encode", "static")] == len(canvas_calls)
+    assert engine.forwards[("prompt_encode", "static")] == 2  # the long prompt's second chunk ran alone
     assert engine.forwards[("decoder", "static")] > 0 and ("decoder", "eager") not in engine.forwards
     for req in reqs:
         assert done[req.request_id].token_ids == reference(model, req.prompt_ids, req.params), req.request_id
@@ -210,16 +208,13 @@ def test_no_growth_of_live_tensors_across_1000_steps(model, tiny_model):
     assert after <= before + 8, (before, after)  # per-row state only: no accumulation
 
 
-def test_every_experts_implementation_gives_the_same_tokens(tiny_checkpoint, tiny_model):
-    """DG_EXPERTS_IMPLEMENTATION picks transformers' MoE kernels (the GPU benchmark compares their speed); on
-    the same weights and seed they decode the same tokens."""
+def test_tokens_match_every_experts_implementation_of_the_reference(tiny_checkpoint, tiny_model):
+    """Our expert kernels against each of transformers' MoE implementations running generate(): the same tokens."""
     from worker.loading import load_model
 
     req = mixed_requests(tiny_model[1])[1]
-    tokens = {}
     for impl in ("grouped_mm", "batched_mm", "eager"):
         m, _ = load_model(str(tiny_checkpoint), device="cpu", dtype="float32", experts_implementation=impl)
         assert m.config.get_text_config()._experts_implementation == impl
         done, _ = run(Engine(m, EngineConfig(max_batch=2, max_context=512, sampler="exact")), [req])
-        tokens[impl] = done[req.request_id].token_ids
-    assert tokens["batched_mm"] == tokens["grouped_mm"] == tokens["eager"]
+        assert done[req.request_id].token_ids == reference(m, req.prompt_ids, req.params), impl

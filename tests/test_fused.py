@@ -92,12 +92,7 @@ def test_engine_with_the_fused_sampler_is_batch_invariant_and_reproducible(tmp_p
     def run(reqs):
         engine = Engine(model, EngineConfig(max_batch=2, max_context=128, sampler="fused"))
         assert engine.sampler_mode == "fused"
-        for r in reqs:
-            engine.add(r)
-        done = {}
-        while engine.has_work():
-            done.update({e.request_id: e.token_ids for e in engine.step() if isinstance(e, DoneEvent)})
-        return done
+        return {rid: e.token_ids for rid, e in engine.complete(reqs).items() if isinstance(e, DoneEvent)}
 
     together = run([req("a", "the quick brown fox", 1), req("b", "pack my box", 2)])
     assert together["a"] == run([req("a", "the quick brown fox", 1)])["a"]

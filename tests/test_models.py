@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 from dgserve.sudoku import EXAMPLE_PUZZLE, canvas_cells, is_valid_solution
 from tests.procs import Service
 from worker.engine import Engine, EngineConfig
-from worker.types import DoneEvent, EngineRequest, SamplingParams
+from worker.types import EngineRequest, SamplingParams
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 # held-out qqwing puzzles (training/data/sudoku_eval.csv) that the committed model solves with seed 0
@@ -50,9 +50,7 @@ def test_the_sudoku_model_solves_fixed_puzzles_through_the_engine():
             entropy_bound=gc.sampler_config.entropy_bound,
             t_min=gc.t_min, t_max=gc.t_max, stability_threshold=gc.stability_threshold,
             confidence_threshold=gc.confidence_threshold, seed=0), template=template))
-    done = {}
-    while engine.has_work():
-        done.update({e.request_id: e for e in engine.step() if isinstance(e, DoneEvent)})
+    done = engine.complete()
     for i, p in enumerate(puzzles):
         ev = done[f"p{i}"]
         solution = canvas_cells(p, tok.decode(ev.token_ids, skip_special_tokens=True), ev.token_ids)

@@ -74,13 +74,11 @@ def test_the_engine_decodes_quantized_weights_eagerly(int8_model):
     engine = Engine(int8_model, EngineConfig(max_batch=4, max_context=256, sampler="fast"))
     assert engine.quantized and engine.decode_mode == "eager"  # "auto" never captures a quantized model
     gc = int8_model.generation_config
-    for i in range(4):
-        engine.add(EngineRequest(f"r{i}", [2, 40 + i, 300, 500 + 7 * i, 900], SamplingParams(
+    done = {rid: e.token_ids for rid, e in engine.complete(
+        EngineRequest(f"r{i}", [2, 40 + i, 300, 500 + 7 * i, 900], SamplingParams(
             max_new_tokens=128, max_denoising_steps=gc.max_denoising_steps, entropy_bound=0.1, t_min=0.4, t_max=0.8,
-            stability_threshold=1, confidence_threshold=0.005, seed=100 + i, eos_token_ids=())))
-    done: dict[str, list[int]] = {}
-    while engine.has_work():
-        done.update({e.request_id: e.token_ids for e in engine.step() if isinstance(e, DoneEvent)})
+            stability_threshold=1, confidence_threshold=0.005, seed=100 + i, eos_token_ids=()))
+        for i in range(4)).items() if isinstance(e, DoneEvent)}
     assert sorted(done) == ["r0", "r1", "r2", "r3"]
     assert all(len(t) == 128 for t in done.values())
     assert all(len(set(t)) > 10 for t in done.values())  # text, not one token repeated
@@ -141,10 +139,7 @@ def test_the_realscale_builder_quantizes_one_layer_at_a_time():
     assert weight_bytes(model.model.decoder.layers) < 0.3 * weight_bytes(float_model.model.decoder.layers)
     assert info["experts_implementation"] == "eager"
     engine = Engine(model, EngineConfig(max_batch=2, max_context=512, sampler="fast"))
-    engine.add(EngineRequest("q", [2, 10, 20, 30], SamplingParams(
+    done = [e for e in engine.complete([EngineRequest("q", [2, 10, 20, 30], SamplingParams(
         max_new_tokens=256, max_denoising_steps=4, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
-        confidence_threshold=0.005, seed=0)))
-    done = []
-    while engine.has_work():
-        done += [e for e in engine.step() if isinstance(e, DoneEvent)]
+        confidence_threshold=0.005, seed=0))]).values() if isinstance(e, DoneEvent)]
     assert len(done) == 1 and len(done[0].token_ids) == 256

@@ -112,3 +112,41 @@ def should_stop(
 ) -> torch.Tensor:
     """The stable-and-confident adaptive stop. All (B,) -> (B,) bool."""
     return (run >= stability_threshold) & (mean_entropy < confidence)
+
+
+def decide(
+    sampled: torch.Tensor,
+    draft: torch.Tensor,
+    entropy: torch.Tensor,
+    canvas: torch.Tensor,
+    previous_draft: torch.Tensor,
+    run: torch.Tensor,
+    fixed: torch.Tensor | None,
+    fixed_ids: torch.Tensor | None,
+    bound: torch.Tensor,
+    stability_threshold: torch.Tensor,
+    confidence: torch.Tensor,
+    vocab_size: int,
+    generators: Sequence[torch.Generator | None],
+) -> dict[str, torch.Tensor]:
+    """One denoising step's decisions for every row, from the sampler kernels' outputs.
+
+    Template positions are clamped and count as accepted with zero entropy; the k lowest-entropy positions within
+    the bound are kept and the rest renoised; the draft's stability run and the adaptive stop follow.
+    (B, L) tensors and (B,) parameters -> canvas, draft, accepted, entropy (B, L); mean_entropy, run, stop (B,).
+    """
+    draft = clamp_template(draft, fixed, fixed_ids)
+    sampled = clamp_template(sampled, fixed, fixed_ids)
+    if fixed is not None:
+        entropy = entropy.masked_fill(fixed, 0.0)
+    accepted = entropy_bound_accept(entropy, bound)
+    if fixed is not None:
+        accepted |= fixed
+    new_canvas = clamp_template(renoise(torch.where(accepted, sampled, canvas), accepted, vocab_size, generators),
+                                fixed, fixed_ids)
+    free = (~fixed).float() if fixed is not None else torch.ones_like(entropy)
+    mean_entropy = (entropy * free).sum(-1) / free.sum(-1).clamp_min(1.0)
+    run = stable_run(draft, previous_draft, run)
+    stop = should_stop(run, mean_entropy, stability_threshold, confidence)
+    return {"canvas": new_canvas, "draft": draft, "accepted": accepted, "entropy": entropy,
+            "mean_entropy": mean_entropy, "run": run, "stop": stop}
