@@ -6,14 +6,15 @@ Every key written here has an expiry (streams of requests are trimmed instead, s
     dg:requests:{model}      stream  jobs for a model; consumer group `workers`
     dg:events:{request_id}   stream  events of one request (queued/restarted/step/canvas/done/error)
     dg:cancels               stream  request ids to cancel, read by every worker (broadcast)
-    dg:request:{request_id}  hash    status of an accepted request (owner, attempts, deadline)
-    dg:idem:{key}            string  Idempotency-Key -> request id
+    dg:request:{request_id}  hash    status of an accepted request (owner, attempts, tenant)
+    dg:idem:{tenant}:{hash}  string  a caller's Idempotency-Key -> request id and body fingerprint
     dg:worker:{worker_id}    string  heartbeat (JSON WorkerInfo)
     dg:deadletter            stream  requests that failed `max_attempts` times
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Annotated, Any, Literal
@@ -46,8 +47,10 @@ def request_key(request_id: str) -> str:
     return f"{PREFIX}:request:{request_id}"
 
 
-def idempotency_key(key: str) -> str:
-    return f"{PREFIX}:idem:{key}"
+def idempotency_key(tenant: str, key: str) -> str:
+    """Scoped to the caller (`tenant`, never an API key itself); the client's key is hashed (any length, any
+    characters)."""
+    return f"{PREFIX}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
 def worker_key(worker_id: str) -> str:
@@ -206,6 +209,13 @@ def decode_job(raw: str | bytes) -> Job:
     return Job.model_validate_json(raw)
 
 
+class IdempotencyRecord(_Model):
+    """What an Idempotency-Key names: the request it started and the fingerprint of that request's body."""
+
+    request_id: str
+    fingerprint: str
+
+
 class ModelInfo(_Model):
     """What a worker serves, published with its heartbeat."""
 
@@ -243,18 +253,29 @@ end
 """
 
 # Atomic admission: refuse past `max_depth` requests waiting (not yet delivered to a worker), else record
-# the request, write its `queued` event, then queue the job. Works on Redis 6.2 (no XINFO `lag` there).
-# KEYS: request stream, request hash, events stream
-# ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream maxlen
+# the request (with its caller's tenant), write its `queued` event, then queue the job. Works on Redis 6.2
+# (no XINFO `lag` there). Safe to retry: a request already recorded is not queued twice. With an idempotency
+# key (KEYS[4]), a key already taken returns its record instead, and an accepted request takes the key.
+# KEYS: request stream, request hash, events stream, [idempotency key]
+# ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream maxlen,
+#       tenant, idempotency record, idempotency ttl
+# Returns {1, waiting} accepted, {0, waiting} refused, {2, record} the idempotency key's earlier request.
 SUBMIT_LUA = _LAST_DELIVERED + """
+if KEYS[4] then
+  local taken = redis.call('GET', KEYS[4])
+  if taken then return {2, taken} end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1} end
 local max_depth = tonumber(ARGV[2])
 local waiting = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', max_depth)
 if waiting >= max_depth then return {0, waiting} end
-redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[6], 'attempts', 0, 'created_at', ARGV[5])
+redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[6], 'attempts', 0, 'created_at', ARGV[5],
+           'tenant', ARGV[10])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[4])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[3])
+if KEYS[4] then redis.call('SET', KEYS[4], ARGV[11], 'EX', tonumber(ARGV[12])) end
 return {1, waiting}
 """
 

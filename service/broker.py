@@ -22,6 +22,14 @@ class Overloaded(Exception):
         self.depth, self.limit = depth, limit
 
 
+class IdempotencyMismatch(Exception):
+    """An Idempotency-Key reused with a different body."""
+
+    def __init__(self, request_id: str):
+        super().__init__("was already used with a different body; use a new key for a new request")
+        self.request_id = request_id
+
+
 class Broker:
     def __init__(self, redis_url: str, max_connections: int = 4096):
         self.redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10,
@@ -55,26 +63,30 @@ class Broker:
             return 0
         return int(summary.get("pending", 0))
 
-    async def submit(self, job: contract.Job, ref: str | None, max_depth: int, idempotency: str | None = None) -> str:
-        """Queue a job; returns its request id (an existing one for a repeated Idempotency-Key)."""
-        if idempotency is not None:
-            claimed = await self.redis.set(contract.idempotency_key(idempotency), job.request_id, nx=True,
-                                           ex=contract.IDEMPOTENCY_TTL_S)
-            if not claimed:
-                existing = await self.redis.get(contract.idempotency_key(idempotency))
-                if existing:
-                    return existing.decode()
+    async def submit(self, job: contract.Job, *, tenant: str, max_depth: int, ref: str | None = None,
+                     idempotency: tuple[str, str] | None = None) -> str:
+        """Queue a job for `tenant`; returns its request id. `idempotency` is (Idempotency-Key, body fingerprint):
+        a key this tenant already used returns that request's id if the body is the same, else
+        IdempotencyMismatch."""
         rid = job.request_id
         queued = contract.Queued(request_id=rid, model=job.model, prompt_tokens=len(job.prompt_ids),
                                  seed=job.sampling.seed, ref=ref)
-        accepted, depth = await self._submit(
-            keys=[contract.request_stream(job.model), contract.request_key(rid), contract.events_key(rid)],
-            args=[contract.GROUP, max_depth, contract.encode(job), contract.encode(queued), job.created_at,
-                  job.model, contract.REQUEST_TTL_S, contract.EVENTS_TTL_S, contract.REQUEST_STREAM_MAXLEN])
-        if not accepted:
-            if idempotency is not None:
-                await self.redis.delete(contract.idempotency_key(idempotency))
-            raise Overloaded(int(depth), max_depth)
+        keys = [contract.request_stream(job.model), contract.request_key(rid), contract.events_key(rid)]
+        record = ""
+        if idempotency is not None:
+            keys.append(contract.idempotency_key(tenant, idempotency[0]))
+            record = contract.encode(contract.IdempotencyRecord(request_id=rid, fingerprint=idempotency[1]))
+        verdict, detail = await self._submit(keys=keys, args=[
+            contract.GROUP, max_depth, contract.encode(job), contract.encode(queued), job.created_at, job.model,
+            contract.REQUEST_TTL_S, contract.EVENTS_TTL_S, contract.REQUEST_STREAM_MAXLEN, tenant, record,
+            contract.IDEMPOTENCY_TTL_S])
+        if verdict == 0:
+            raise Overloaded(int(detail), max_depth)
+        if verdict == 2:
+            earlier = contract.IdempotencyRecord.model_validate_json(detail)
+            if idempotency is not None and earlier.fingerprint != idempotency[1]:
+                raise IdempotencyMismatch(earlier.request_id)
+            return earlier.request_id
         return rid
 
     async def events(self, request_id: str, last_id: str = "0-0", block_ms: int = 5000

@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, WebSocket
 from starlette.requests import HTTPConnection
 
 from service.broker import Broker
+from service.identity import ANONYMOUS, tenant_of
 from service.metrics import GatewayMetrics
 from service.registry import Registry
 from service.settings import GatewaySettings
@@ -53,12 +54,18 @@ def websocket_key(conn: HTTPConnection) -> str | None:
     return bearer(conn) or conn.headers.get("x-api-key") or conn.query_params.get("api_key")
 
 
-def require_api_key(request: Request) -> None:
+def require_api_key(request: Request) -> str:
+    """The caller's tenant; 401 without a valid Bearer key when the deployment has keys."""
     gateway: Gateway = request.app.state.gateway
     keys = gateway.settings.api_keys
-    if keys and not key_is_valid(bearer(request), keys):
+    if not keys:
+        return ANONYMOUS
+    presented = bearer(request)
+    if not key_is_valid(presented, keys):
         raise HTTPException(status_code=401, detail="missing or invalid API key",
                             headers={"WWW-Authenticate": "Bearer"})
+    return tenant_of(presented)
 
 
 ApiKey = Depends(require_api_key)
+Caller = Annotated[str, ApiKey]  # the caller's tenant (FastAPI runs the check once per request)

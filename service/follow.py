@@ -1,4 +1,4 @@
-"""Waiting for a request's final event on behalf of an HTTP client, cancelling if the client leaves."""
+"""Submitting requests and following them to their final event on behalf of a client, cancelling if it leaves."""
 
 from __future__ import annotations
 
@@ -10,6 +10,24 @@ from fastapi.responses import JSONResponse
 
 from dgserve import contract
 from service.deps import Gateway
+
+
+async def submit_all(gateway: Gateway, jobs: list[contract.Job], tenant: str, ref: str | None = None,
+                     idempotency: tuple[str, str] | None = None) -> list[str]:
+    """Queue every job for `tenant`, or none: a refusal part-way cancels those already queued. Returns the
+    request ids (for a repeated Idempotency-Key, the earlier request's)."""
+    queued: list[str] = []
+    try:
+        for job in jobs:
+            queued.append(await gateway.broker.submit(job, tenant=tenant, max_depth=gateway.settings.max_queue_depth,
+                                                      ref=ref, idempotency=idempotency))
+            gateway.metrics.accepted.labels(job.model).inc()
+    except BaseException:
+        for rid in queued:
+            await gateway.broker.cancel(rid)
+        raise
+    return queued
+
 
 ERROR_STATUS = {"cancelled": 499, "timeout": 504, "too_long": 422, "overloaded": 429}
 

@@ -15,9 +15,10 @@ from service.schemas import GenerateRequest, SamplingFields
 from service.settings import GatewaySettings
 
 
-def field_error(field: str, msg: str, value: Any = None, kind: str = "value_error", **ctx: Any):
+def field_error(field: str, msg: str, value: Any = None, kind: str = "value_error", where: str = "body",
+                **ctx: Any):
     """A 422 in pydantic's own shape, for limits that only the deployment knows."""
-    return RequestValidationError([{"type": kind, "loc": ("body", field), "msg": msg, "input": value,
+    return RequestValidationError([{"type": kind, "loc": (where, field), "msg": msg, "input": value,
                                     "ctx": ctx}])
 
 

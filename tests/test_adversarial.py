@@ -170,3 +170,25 @@ def test_a_client_that_hangs_up_cancels_its_request(attack: Attack, route: str):
     print(f"\n{route}: {expected} request(s) cancelled {time.monotonic() - left:.1f} s after the client left")
     assert ended, [attack.status(r) for r in cancelled]
     assert all(attack.final_types(r) == ["error"] for r in cancelled)
+
+
+# ----------------------------------------------------------------- 2: Idempotency-Key scope
+def test_idempotency_keys_belong_to_their_caller_and_their_body(attack: Attack):
+    """Item 2: k2 reusing k1's Idempotency-Key gets a request of its own, never k1's answer; a key reused with
+    another body is a 422 naming `Idempotency-Key`; the same body gets the original answer."""
+    mine = {"prompt": "k1 asks this", "seed": 1, "max_new_tokens": 16}
+    theirs = {"prompt": "k2 asks that", "seed": 2, "max_new_tokens": 16}
+    key = {"Idempotency-Key": "order-42"}
+    first = attack.post("/generate", json=mine, headers={**AUTH1, **key})
+    other = attack.post("/generate", json=theirs, headers={**AUTH2, **key})
+    assert first.status_code == other.status_code == 200, (first.text, other.text)
+    assert other.json()["request_id"] != first.json()["request_id"]
+    assert other.json()["text"] == attack.post("/generate", json=theirs, headers=AUTH2).json()["text"]
+    again = attack.post("/generate", json=mine, headers={**AUTH1, **key})
+    assert again.json()["request_id"] == first.json()["request_id"]
+    assert again.json()["token_ids"] == first.json()["token_ids"]
+    changed = attack.post("/generate", json={**mine, "seed": 9}, headers={**AUTH1, **key})
+    assert changed.status_code == 422, changed.text
+    assert "Idempotency-Key" in changed.text and "different body" in changed.text
+    names = [k.decode() for k in attack.redis.scan_iter(match=contract.PREFIX + ":idem:*")]
+    assert len(names) == 2 and not any(K1 in n or K2 in n or "order-42" in n for n in names), names

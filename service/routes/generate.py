@@ -7,16 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.deps import ApiKey, GatewayDep
-from service.follow import error_response, wait_final
-from service.jobs import build_job
+from service.broker import IdempotencyMismatch
+from service.deps import ApiKey, Caller, GatewayDep
+from service.follow import error_response, submit_all, wait_final
+from service.identity import fingerprint
+from service.jobs import build_job, field_error
 from service.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKey])
 
 ERRORS = {
     401: {"description": "missing or invalid API key"},
-    422: {"description": "invalid body: the field and the limit are named"},
+    422: {"description": "invalid body (the field and the limit are named), or an Idempotency-Key reused with "
+                         "another body"},
     429: {"description": "queue full; retry after Retry-After seconds"},
     503: {"description": "Redis unreachable; retry after Retry-After seconds"},
     504: {"description": "the request waited in the queue past its deadline"},
@@ -28,11 +31,18 @@ async def generate(
     body: GenerateRequest,
     request: Request,
     gateway: GatewayDep,
+    tenant: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=256)] = None,
 ):
+    """Idempotency-Key: a retry with the same key and body gets the first request's answer (keys are the
+    caller's own, kept as long as the request's events)."""
     job = await run_in_threadpool(build_job, gateway.registry, gateway.settings, body)
-    rid = await gateway.broker.submit(job, None, gateway.settings.max_queue_depth, idempotency_key)
-    gateway.metrics.accepted.labels(job.model).inc()
+    idempotency = None if idempotency_key is None else (idempotency_key, fingerprint("/generate", body))
+    try:
+        [rid] = await submit_all(gateway, [job], tenant, idempotency=idempotency)
+    except IdempotencyMismatch as exc:
+        raise field_error("Idempotency-Key", f"Idempotency-Key {exc}", None, "idempotency_mismatch",
+                          where="header") from None
     final = await wait_final(gateway, rid, job.model, request.is_disconnected, job.deadline)
     if final.type == "error":
         return error_response(final)

@@ -26,8 +26,8 @@ from pydantic import ValidationError
 
 from dgserve import contract
 from service.broker import Overloaded
-from service.deps import ApiKey, Gateway, GatewayDep
-from service.follow import ERROR_STATUS, expire_at, wait_final
+from service.deps import ApiKey, Caller, Gateway, GatewayDep
+from service.follow import ERROR_STATUS, expire_at, submit_all, wait_final
 from service.jobs import build_job
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
 from service.schemas import GenerateRequest
@@ -95,15 +95,13 @@ def _jobs(gateway: Gateway, body, prompt: str | None, messages: list[dict] | Non
     return jobs
 
 
-async def _submit(gateway: Gateway, jobs: list[contract.Job]) -> None:
-    for job in jobs:
-        try:
-            await gateway.broker.submit(job, None, gateway.settings.max_queue_depth)
-        except Overloaded as exc:
-            gateway.metrics.rejected.labels("overloaded").inc()
-            raise OpenAIError(429, f"server overloaded: {exc}", type_="rate_limit_error", code="overloaded",
-                              headers={"Retry-After": str(gateway.settings.retry_after_s)}) from None
-        gateway.metrics.accepted.labels(job.model).inc()
+async def _submit(gateway: Gateway, jobs: list[contract.Job], tenant: str) -> None:
+    try:
+        await submit_all(gateway, jobs, tenant)
+    except Overloaded as exc:
+        gateway.metrics.rejected.labels("overloaded").inc()
+        raise OpenAIError(429, f"server overloaded: {exc}", type_="rate_limit_error", code="overloaded",
+                          headers={"Retry-After": str(gateway.settings.retry_after_s)}) from None
 
 
 def _usage(jobs: list[contract.Job], finals: list[contract.Done]) -> dict[str, Any]:
@@ -240,12 +238,12 @@ async def list_models(gateway: GatewayDep) -> dict:
         for name, m in gateway.registry.models.items()]}
 
 
-async def _serve(request: Request, gateway: Gateway, body, prompt: str | None, messages: list[dict] | None,
-                 max_tokens: int | None, chat: bool):
+async def _serve(request: Request, gateway: Gateway, tenant: str, body, prompt: str | None,
+                 messages: list[dict] | None, max_tokens: int | None, chat: bool):
     """Queue the n completions, then stream them or answer once all are done."""
     try:
         jobs = await run_in_threadpool(_jobs, gateway, body, prompt, messages, max_tokens)
-        await _submit(gateway, jobs)
+        await _submit(gateway, jobs, tenant)
         if body.stream:
             return _stream(gateway, jobs, body, chat=chat)
         finals = await _complete(request, gateway, jobs)
@@ -263,20 +261,20 @@ async def _serve(request: Request, gateway: Gateway, body, prompt: str | None, m
 
 
 @router.post("/completions")
-async def completions(request: Request, gateway: GatewayDep):
+async def completions(request: Request, gateway: GatewayDep, tenant: Caller):
     try:
         body: CompletionRequest = await parse(request, CompletionRequest)
     except OpenAIError as exc:
         return exc.response()
-    return await _serve(request, gateway, body, body.prompt, None, body.max_tokens, chat=False)
+    return await _serve(request, gateway, tenant, body, body.prompt, None, body.max_tokens, chat=False)
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, gateway: GatewayDep):
+async def chat_completions(request: Request, gateway: GatewayDep, tenant: Caller):
     try:
         body: ChatRequest = await parse(request, ChatRequest)
     except OpenAIError as exc:
         return exc.response()
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    return await _serve(request, gateway, body, None, messages, body.max_completion_tokens or body.max_tokens,
+    return await _serve(request, gateway, tenant, body, None, messages, body.max_completion_tokens or body.max_tokens,
                         chat=True)

@@ -16,8 +16,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from dgserve import contract
 from dgserve.sudoku import canvas_cells, is_valid_solution, normalize_puzzle, problems
-from service.deps import ApiKey, Gateway, GatewayDep
-from service.follow import error_response, wait_final
+from service.deps import ApiKey, Caller, Gateway, GatewayDep
+from service.follow import error_response, submit_all, wait_final
 from service.jobs import build_job
 from service.schemas import DiffusionFields, GenerateRequest
 
@@ -69,20 +69,6 @@ def verdict(puzzle: str, final: contract.Done) -> tuple[str, bool, list[str]]:
     return solution, valid, [] if valid else problems(puzzle, solution, limit=20)
 
 
-async def submit_all(gateway: Gateway, jobs: list[contract.Job], ref: str | None = None) -> None:
-    """Queue every attempt, or none: a refusal part-way cancels those already queued."""
-    done: list[contract.Job] = []
-    try:
-        for job in jobs:
-            await gateway.broker.submit(job, ref, gateway.settings.max_queue_depth)
-            gateway.metrics.accepted.labels(job.model).inc()
-            done.append(job)
-    except BaseException:
-        for job in done:
-            await gateway.broker.cancel(job.request_id)
-        raise
-
-
 async def solve(gateway: Gateway, body: SudokuRequest, jobs: list[contract.Job], disconnected
                 ) -> SudokuResponse | contract.Error:
     """Wait for the attempts; the first valid solution wins and cancels the rest (else the one with the
@@ -124,9 +110,9 @@ async def solve(gateway: Gateway, body: SudokuRequest, jobs: list[contract.Job],
 @router.post("/sudoku", response_model=SudokuResponse,
              responses={422: {"description": "malformed puzzle: the problem is named"},
                         429: {"description": "queue full; retry after Retry-After seconds"}})
-async def sudoku(body: SudokuRequest, request: Request, gateway: GatewayDep):
+async def sudoku(body: SudokuRequest, request: Request, gateway: GatewayDep, tenant: Caller):
     jobs = await run_in_threadpool(sudoku_jobs, gateway, body)
-    await submit_all(gateway, jobs)
+    await submit_all(gateway, jobs, tenant)
     result = await solve(gateway, body, jobs, request.is_disconnected)
     if isinstance(result, contract.Error):
         return error_response(result)

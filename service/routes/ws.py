@@ -23,9 +23,10 @@ from pydantic import Field, ValidationError
 from dgserve import contract
 from service.broker import REDIS_DOWN, Overloaded
 from service.deps import Gateway, GatewayDep, key_is_valid, websocket_key
-from service.follow import expire_at
+from service.follow import expire_at, submit_all
+from service.identity import ANONYMOUS, tenant_of
 from service.jobs import build_job
-from service.routes.sudoku import SudokuRequest, solve, submit_all, sudoku_jobs
+from service.routes.sudoku import SudokuRequest, solve, sudoku_jobs
 from service.schemas import WsCancel, WsGenerate
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,8 @@ def describe(errors) -> str:
 
 
 class Session:
-    def __init__(self, ws: WebSocket, gateway: Gateway):
-        self.ws, self.gateway = ws, gateway
+    def __init__(self, ws: WebSocket, gateway: Gateway, tenant: str):
+        self.ws, self.gateway, self.tenant = ws, gateway, tenant
         self.lock = asyncio.Lock()
         self.tasks: dict[str, asyncio.Task] = {}
 
@@ -90,7 +91,7 @@ class Session:
         except RequestValidationError as exc:
             return await self.problem("validation_error", describe(exc.errors()), ref=body.ref)
         try:
-            rid = await gw.broker.submit(job, body.ref, gw.settings.max_queue_depth)
+            [rid] = await submit_all(gw, [job], self.tenant, body.ref)
         except Overloaded as exc:
             gw.metrics.rejected.labels("overloaded").inc()
             return await self.problem("overloaded", str(exc), ref=body.ref, retry_after=gw.settings.retry_after_s)
@@ -98,7 +99,6 @@ class Session:
             gw.metrics.rejected.labels("redis_unavailable").inc()
             return await self.problem("unavailable", "queue unavailable, retry later", ref=body.ref,
                                       retry_after=gw.settings.retry_after_s)
-        gw.metrics.accepted.labels(job.model).inc()
         self.tasks[rid] = asyncio.create_task(self.forward(rid, job.deadline))
 
     async def sudoku(self, data: dict) -> None:
@@ -112,7 +112,7 @@ class Session:
         except RequestValidationError as exc:
             return await self.problem("validation_error", describe(exc.errors()), ref=ref)
         try:
-            await submit_all(self.gateway, jobs, body.ref)
+            await submit_all(self.gateway, jobs, self.tenant, body.ref)
         except Overloaded as exc:
             self.gateway.metrics.rejected.labels("overloaded").inc()
             return await self.problem("overloaded", str(exc), ref=ref, retry_after=self.gateway.settings.retry_after_s)
@@ -154,9 +154,11 @@ class Session:
 @router.websocket("/ws/generate")
 async def ws_generate(ws: WebSocket, gateway: GatewayDep):
     settings = gateway.settings
-    if settings.api_keys and not key_is_valid(websocket_key(ws), settings.api_keys):
+    presented = websocket_key(ws)
+    if settings.api_keys and not key_is_valid(presented, settings.api_keys):
         await ws.send_denial_response(JSONResponse({"detail": "missing or invalid API key"}, status_code=401))
         return
+    tenant = tenant_of(presented) if settings.api_keys else ANONYMOUS
     client = ws.client.host if ws.client else "?"
     if gateway.connections_per_client.get(client, 0) >= settings.max_connections_per_client:
         await ws.send_denial_response(JSONResponse(
@@ -167,7 +169,7 @@ async def ws_generate(ws: WebSocket, gateway: GatewayDep):
     gateway.connections_per_client[client] = gateway.connections_per_client.get(client, 0) + 1
     gateway.websockets.add(ws)
     gateway.metrics.websockets.inc()
-    session = Session(ws, gateway)
+    session = Session(ws, gateway, tenant)
     try:
         while True:
             message = await ws.receive()
