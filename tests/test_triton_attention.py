@@ -1,0 +1,160 @@
+"""The Triton attention kernel against its spec, `PLAIN["attention"]` (worker/ops/attention.py).
+
+On a CPU the kernel runs under TRITON_INTERPRET=1 (set here before triton is imported). On a GPU,
+`TRITON_INTERPRET=0 pytest tests/test_triton_attention.py` runs the same comparisons on the device, plus the
+real-scale shapes (skipped under the interpreter).
+
+Pools are filled with NaN everywhere but the keys each row may read, so a kernel that lets a key past kv_len, a
+key of another slot, or (causal) a whole tile outside the allowed range reach the output fails with NaN.
+
+Tolerances, elementwise against the spec:
+  float32: |ours - spec| <= 1e-5 (1 + |spec|). Scores are O(1) (scale = D^-1/2), so both sides round q.k and the
+  softmax at float32 epsilon (6e-8) times a few hundred terms at most, summed in different orders.
+  bfloat16: <= 2^-7 (1 + |spec|), two bf16 ulps at |spec| ~ 1: both round P to bf16 (2^-9 relative a term, each
+  against its own running maximum, which differs between the two tilings) and round the output (half an ulp each).
+And against float64 on the same (rounded) inputs: no less accurate than the spec, within a factor 2.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import worker.ops  # noqa: E402, F401  (registers the ops)
+from worker.ops.registry import PLAIN  # noqa: E402
+from worker.ops.triton import attention as kernel  # noqa: E402
+from worker.ops.triton_kernels import triton_function  # noqa: E402
+
+INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 needs a GPU", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+spec = PLAIN["attention"]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2.0 ** -7
+
+
+def readable(L: int, n: torch.Tensor, q_start: torch.Tensor, causal: bool, window: int, capacity: int,
+             tile: int = 64) -> torch.Tensor:
+    """(B, capacity) bool: the keys row b's kernel may load. Causal passes load whole 64-key tiles (every BLOCK_N
+    divides 64) from the one holding the first query's first allowed key to the one holding the last query."""
+    t = torch.arange(capacity)[None, :]
+    ok = t < n[:, None]
+    if causal:
+        first = q_start - window + 1 if window > 0 else torch.zeros_like(q_start)
+        ok &= t >= (first.clamp(min=0) // tile * tile)[:, None]
+        ok &= t < ((q_start + L + tile - 1) // tile * tile)[:, None]
+    return ok
+
+
+def make(B: int, L: int, Hq: int, Hkv: int, D: int, kv_len: list[int], q_start: list[int], causal: bool,
+         window: int, dtype: torch.dtype, pool_dtype: torch.dtype | None = None, seed: int = 0) -> dict:
+    """Inputs of one call: rows in non-contiguous, out-of-order slots of a pool with spare slots; pool entries no
+    row may read are NaN (the kernel gets those pools, the spec gets the same pools with zeros there)."""
+    g = torch.Generator().manual_seed(seed)
+    capacity = max(kv_len) + 70
+    slots = torch.tensor([2 * B - 2 * b for b in range(B)])  # e.g. 4, 2, 0 of 5 slots
+    n, start = torch.tensor(kv_len), torch.tensor(q_start)
+    pool_dtype = pool_dtype or dtype
+    pools = [torch.randn((2 * B + 1, Hkv, capacity, D), generator=g).to(pool_dtype) for _ in range(2)]
+    keep = torch.zeros((2 * B + 1, capacity), dtype=torch.bool)
+    keep[slots] = readable(L, n, start, causal, window, capacity)
+    poisoned = [p.masked_fill(~keep[:, None, :, None], float("nan")) for p in pools]
+    clean = [p.masked_fill(~keep[:, None, :, None], 0.0) for p in pools]
+    q = torch.randn((B, L, Hq, D), generator=g).to(dtype)
+    args = dict(slots=slots, kv_len=n, q_start=start, causal=causal, window=window, scale=D ** -0.5)
+    to = lambda x: x.to(DEVICE)  # noqa: E731
+    return {
+        "kernel": dict(q=to(q), k_pool=to(poisoned[0]), v_pool=to(poisoned[1]), **{k: to(v) if torch.is_tensor(v)
+                                                                                   else v for k, v in args.items()}),
+        "spec": dict(q=to(q), k_pool=to(clean[0]), v_pool=to(clean[1]), **{k: to(v) if torch.is_tensor(v) else v
+                                                                            for k, v in args.items()}),
+    }
+
+
+def check(inputs: dict) -> torch.Tensor:
+    ours = kernel.attention(**inputs["kernel"])
+    ref = spec(**inputs["spec"])
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert torch.isfinite(ours).all(), "a key the row may not read reached the output"
+    tol = tolerance(ref.dtype)
+    err = (ours.float() - ref.float()).abs()
+    worst = (err / (1 + ref.float().abs())).max().item()
+    assert worst <= tol, f"max error {worst:.3g} (in units of 1 + |spec|) above {tol:.3g}"
+    exact = spec(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                    for k, v in inputs["spec"].items()})
+    ours_err = (ours.double() - exact).abs().max().item()
+    spec_err = (ref.double() - exact).abs().max().item()
+    assert ours_err <= 2 * spec_err + 1e-7, (ours_err, spec_err)
+    return ours
+
+
+# name: B, L, Hq, Hkv, D, kv_len, q_start, causal, window
+CASES = {
+    # decoder: bidirectional over each row's length; 64 = one whole tile, 70 and 5 end inside one
+    "decoder D16 G2": (3, 5, 4, 2, 16, [70, 5, 64], [0, 0, 0], False, 0),
+    # D 56 padded to 64; 12 positions x 8 heads = 96 tile rows, a tile boundary inside a position's group
+    "decoder D56 G8": (2, 12, 8, 1, 56, [33, 130], [0, 0], False, 0),
+    # canvas encode: causal after a cache (q_start > 0), and a prompt from 0
+    "encoder causal D64 G1": (2, 9, 2, 2, 64, [59, 9], [50, 0], True, 0),
+    # sliding layer: window 20 skips whole tiles before the first row's queries, causality those after the second's
+    "encoder window D64 G2": (2, 10, 4, 2, 64, [150, 100], [140, 3], True, 20),
+    "decoder D256 G2": (2, 6, 4, 2, 256, [40, 9], [0, 0], False, 0),
+    "encoder window D256 G8": (1, 6, 8, 1, 256, [140], [134], True, 33),
+    "decoder D512 G8": (2, 4, 16, 2, 512, [37, 4], [0, 0], False, 0),
+    "encoder causal D512 G1": (1, 5, 2, 2, 512, [45], [40], True, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_matches_the_spec(case, dtype):
+    check(make(*CASES[case], dtype=dtype))
+
+
+@pytest.mark.parametrize("q_dtype,pool_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_pool_in_another_dtype_is_read_as_the_spec_converts_it(q_dtype, pool_dtype):
+    """The spec converts K/V to q's dtype (bf16 -> f32 exactly; f32 -> bf16 rounded to nearest)."""
+    check(make(2, 7, 4, 2, 64, [66, 7], [59, 0], True, 16, q_dtype, pool_dtype))
+
+
+def test_rows_with_no_key_to_see_get_zeros():
+    """Padding rows (kv_len 0), and causal queries whose window holds no key below kv_len: zeros, as the spec."""
+    padding = make(2, 4, 4, 2, 16, [0, 20], [0, 0], False, 0, torch.float32)
+    out = check(padding)
+    assert (out[0] == 0).all() and (out[1] != 0).any()
+    # queries at key index 30..33 with window 4 see keys 27.. but kv_len is 20: nothing
+    empty = make(1, 4, 2, 1, 16, [20], [30], True, 4, torch.float32)
+    assert (check(empty) == 0).all()
+
+
+def test_a_rows_result_does_not_depend_on_its_neighbours():
+    batch = make(3, 8, 8, 2, 256, [50, 17, 90], [0, 0, 0], False, 0, torch.bfloat16)["kernel"]
+    alone = dict(batch, q=batch["q"][1:2], slots=batch["slots"][1:2], kv_len=batch["kv_len"][1:2],
+                 q_start=batch["q_start"][1:2])
+    assert torch.equal(kernel.attention(**alone)[0], kernel.attention(**batch)[1])
+
+
+def test_the_op_registers_this_function_with_the_specs_signature():
+    assert triton_function("attention") is kernel.attention
+    assert inspect.signature(kernel.attention) == inspect.signature(spec)
+
+
+@pytest.mark.skipif(INTERPRET, reason="real-scale shapes: GPU only (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("layer", ["sliding", "global"])
+@pytest.mark.parametrize("causal", [False, True], ids=["decoder", "encoder"])
+def test_real_scale_shapes_on_the_gpu(layer, causal):
+    """26B-A4B: 16 query heads; sliding 8 KV heads x 256 (window 1023), global 2 x 512; canvas 256."""
+    Hkv, D, window = (8, 256, 1023) if layer == "sliding" else (2, 512, 0)
+    kv_len = [1279, 300, 1024 + 256, 256]
+    q_start = [n - 256 for n in kv_len] if causal else [0] * 4
+    check(make(4, 256, 16, Hkv, D, kv_len, q_start, causal, window, torch.bfloat16))
