@@ -123,7 +123,7 @@ class Service:
         last = None
         while time.monotonic() < deadline:
             try:
-                code, body = _get(self.url + "/readyz")
+                code, body = _get(self.url + "/readyz/workers?" + "&".join(f"model={m}" for m in models))
                 last = body
                 if code == 200 and all(m in body.get("models", []) for m in models):
                     return

@@ -407,3 +407,35 @@ def test_cli_sudoku_json(keyed):
 def test_dg_error_is_the_base_of_every_error():
     for cls in (ValidationError, Overloaded, Unavailable, AuthError, RequestFailed, ServiceUnreachable):
         assert issubclass(cls, DgError)
+
+
+# ----------------------------------------------------------------------------- the command line's help
+def _subcommands(parser) -> dict:
+    """`dgserve`'s subcommand parsers by name."""
+    return next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+
+
+def test_every_command_and_flag_says_what_it_is():
+    from dgserve.cli import build_parser
+
+    for name, sub in _subcommands(build_parser()).items():
+        if name == "train":  # its flags are training's own: `dgserve train --help` below
+            continue
+        assert sub.description, f"`dgserve {name}` has no description"
+        for action in sub._actions:
+            assert action.help, f"dgserve {name} {'/'.join(action.option_strings) or action.dest}: no help"
+    for name in ("generate", "sudoku"):
+        text = dgserve(name, "--help").stdout.decode()
+        assert "DG_URL" in text and "DG_API_KEY" in text, text
+    assert "DG_URL" in dgserve("--help").stdout.decode()
+
+
+def test_dgserve_train_help_is_training_help_under_its_own_name():
+    shown = dgserve("train", "--help")
+    assert shown.returncode == 0, shown.stderr.decode()
+    text = shown.stdout.decode()
+    assert text.startswith("usage: dgserve train") and "sudoku" in text and "python -m training [" not in text
+    sub = dgserve("train", "sudoku", "--help")
+    assert sub.returncode == 0 and sub.stdout.decode().startswith("usage: dgserve train sudoku")
+    bare = dgserve("train")
+    assert bare.returncode == 2 and bare.stderr.decode().startswith("usage: dgserve train")

@@ -1,4 +1,4 @@
-"""`python -m training ...` (to be wired as `dgserve train ...`)."""
+"""`dgserve train ...` (also `python -m training ...`): train the small checkpoints dgserve ships."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sudoku", help="train the sudoku checkpoint")
@@ -85,9 +85,9 @@ def parse_arch(text: str) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training") -> int:
     started = time.time()
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
 
     if args.command == "corpus":
         from training import data as D

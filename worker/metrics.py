@@ -125,6 +125,10 @@ class WorkerMetrics:
                     self._forwards_seen[(kind, path)] = count
 
 
+class MetricsServerError(OSError):
+    """The worker's metrics/health server cannot listen where it was told to (a one-line reason)."""
+
+
 def serve_http(host: str, port: int, registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]]):
     """Start /metrics, /healthz, /readyz in a daemon thread. Returns the server (port 0: a free port)."""
 
@@ -149,6 +153,10 @@ def serve_http(host: str, port: int, registry: CollectorRegistry, ready: Callabl
         def log_message(self, *args):  # keep probes out of the logs
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        raise MetricsServerError(f"cannot serve worker metrics on {host}:{port}: {exc.strerror or exc}; set "
+                                 "DG_METRICS_PORT to a free port (0: no metrics server)") from None
     threading.Thread(target=server.serve_forever, name="worker-http", daemon=True).start()
     return server
