@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Offline validation of dgserve's deployment files: docker/, helm/dgserve/.
 #
-#   scripts/validate_deploy.sh            # CI runs this (and tests/test_deploy.py runs it too)
+#   scripts/validate_deploy.sh                  # CI runs this (and tests/test_deploy.py runs it too)
+#   scripts/validate_deploy.sh --install-tools  # only installs the tools; prints the folder of helm4/helm3
 #
 # What it checks
 #   - Dockerfiles: hadolint (every finding fails).
@@ -142,6 +143,10 @@ install_tools() {
 }
 
 install_tools
+if [[ "${1:-}" == "--install-tools" ]]; then
+    echo "${TOOLS}/bin"
+    exit 0
+fi
 PY="${TOOLS}/venv/bin/python"
 HELM4="${TOOLS}/bin/helm4"
 HELM3="${TOOLS}/bin/helm3"
@@ -249,6 +254,12 @@ print("\n".join(problems))
 sys.exit(1 if problems else 0)
 PY
 }
+no_profile_selects_nothing() {
+    local services
+    services="$(compose --env-file .env.example config --services)" || return 1
+    [[ -z "${services}" ]] || { echo "services start without a profile: ${services}"; return 1; }
+}
+check "compose with no profile selects no service" no_profile_selects_nothing
 for profile in gpu cpu; do
     check "compose config --profile ${profile} (.env.example)" \
         compose --env-file .env.example --profile "${profile}" config --quiet
@@ -305,7 +316,7 @@ for helm_bin in "${HELM4}" "${HELM3}"; do
     done
 done
 
-echo "== helm/dgserve refuses bad values"
+echo "== helm/dgserve refuses bad values, takes good ones"
 T=("${HELM4}" template dg "${CHART}")
 check "bundled and external Redis together" expect_fail "choose one" \
     "${T[@]}" --set externalRedis.url=redis://r:6379/0
@@ -324,6 +335,9 @@ check "unknown model cache type" expect_fail "value must be one of 'emptyDir'" \
 check "KEDA with an external Redis secret but no address" expect_fail "keda.redis.address" \
     "${T[@]}" -f "${CHART}/ci/nondefault-values.yaml" --set keda.redis.address=
 check "defaultModel not among the models" expect_fail "is not one of" "${T[@]}" --set defaultModel=nope
+for quantization in none int4 int8 fp8; do   # every DG_QUANTIZATION the worker takes
+    check "worker.quantization=${quantization} renders" "${T[@]}" --set "worker.quantization=${quantization}"
+done
 
 # ---------------------------------------------------------------------------------- summary
 echo

