@@ -28,7 +28,7 @@ JOB_FIELD = "job"
 
 EVENTS_TTL_S = 3600  # a client may reconnect and replay for an hour
 REQUEST_TTL_S = 24 * 3600
-IDEMPOTENCY_TTL_S = 24 * 3600
+IDEMPOTENCY_TTL_S = EVENTS_TTL_S  # a key never outlives the events that answer its replays
 HEARTBEAT_TTL_S = 15
 CANCEL_STREAM_MAXLEN = 10_000
 DEADLETTER_MAXLEN = 10_000
@@ -60,6 +60,28 @@ def worker_key(worker_id: str) -> str:
 WORKER_PATTERN = f"{PREFIX}:worker:*"
 CANCELS = f"{PREFIX}:cancels"
 DEADLETTER = f"{PREFIX}:deadletter"
+
+
+# --------------------------------------------------------- connection policy
+# Both sides connect the same way. A command that meets a dead connection (Redis restarted; a pooled socket gone
+# stale) is retried on a fresh connection with backoff before any caller sees an error, so a Redis that is back
+# costs no request. Only connection errors are retried: a timeout may have run the command. Every script is
+# safe to run twice (SUBMIT_LUA checks the request hash first).
+REDIS_RETRIES = 3
+
+
+def client_options(asynchronous: bool, blocking: bool = False) -> dict[str, Any]:
+    """Keyword arguments for `Redis.from_url`; `blocking` clients (XREAD BLOCK) have no socket timeout."""
+    from redis.asyncio.retry import Retry as AsyncRetry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.retry import Retry
+
+    backoff = ExponentialWithJitterBackoff(base=0.05, cap=1.0)
+    errors = (RedisConnectionError, ConnectionError)
+    retry = (AsyncRetry if asynchronous else Retry)(backoff, REDIS_RETRIES, supported_errors=errors)
+    return {"socket_connect_timeout": 2, "socket_timeout": None if blocking else 10, "socket_keepalive": True,
+            "health_check_interval": 10, "retry": retry, "retry_on_error": list(errors)}
 
 
 class _Model(BaseModel):

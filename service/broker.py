@@ -32,11 +32,10 @@ class IdempotencyMismatch(Exception):
 
 class Broker:
     def __init__(self, redis_url: str, max_connections: int = 4096):
-        self.redis = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=10,
-                                             health_check_interval=10)
+        self.redis = aioredis.Redis.from_url(redis_url, **contract.client_options(asynchronous=True))
         # blocking XREADs hold a connection each, so they get their own, larger pool
-        self.blocking = aioredis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=None,
-                                                max_connections=max_connections)
+        self.blocking = aioredis.Redis.from_url(redis_url, max_connections=max_connections,
+                                                **contract.client_options(asynchronous=True, blocking=True))
         self._submit = self.redis.register_script(contract.SUBMIT_LUA)
         self._waiting = self.redis.register_script(contract.WAITING_LUA)
         self._timeout = self.redis.register_script(contract.TIMEOUT_LUA)
@@ -93,11 +92,19 @@ class Broker:
                      ) -> AsyncIterator[tuple[str, contract.RawEvent]]:
         """Every event of a request from `last_id` on, ending after the final one (done/error).
 
-        Survives Redis restarts: while Redis is down it waits and resumes from the last id it saw.
+        Survives Redis restarts: while Redis is down it waits and resumes from the last id it saw. A stream that
+        is gone (its events expired) ends with an `expired` error instead of waiting forever.
         """
         key = contract.events_key(request_id)
+        reply: list | None = None
         while True:
             try:
+                if not reply and not await self.redis.exists(key):
+                    yield last_id, contract.RawEvent(contract.encode(contract.Error(
+                        request_id=request_id, code="expired",
+                        message=f"the request's events are gone (kept {contract.EVENTS_TTL_S} s after its last "
+                                "event)")).encode())
+                    return
                 reply = await self.blocking.xread({key: last_id}, block=block_ms, count=512)
             except REDIS_DOWN as exc:
                 log.warning("events %s: redis unreachable (%s); retrying", request_id, exc)

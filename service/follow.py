@@ -29,7 +29,7 @@ async def submit_all(gateway: Gateway, jobs: list[contract.Job], tenant: str, re
     return queued
 
 
-ERROR_STATUS = {"cancelled": 499, "timeout": 504, "too_long": 422, "overloaded": 429}
+ERROR_STATUS = {"cancelled": 499, "timeout": 504, "too_long": 422, "overloaded": 429, "expired": 410}
 
 
 async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Callable[[], Awaitable[bool]],

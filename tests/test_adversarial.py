@@ -73,6 +73,12 @@ class Attack:
         self.tally.answer(resp.status_code)
         return resp
 
+    @staticmethod
+    def tenant(key: str) -> str:
+        from service.identity import tenant_of
+
+        return tenant_of(key)
+
     def cancels(self) -> list[str]:
         """Request ids in the broadcast cancel stream, oldest first."""
         return [f[b"request_id"].decode() for _, f in self.redis.xrange(contract.CANCELS)]
@@ -192,3 +198,43 @@ def test_idempotency_keys_belong_to_their_caller_and_their_body(attack: Attack):
     assert "Idempotency-Key" in changed.text and "different body" in changed.text
     names = [k.decode() for k in attack.redis.scan_iter(match=contract.PREFIX + ":idem:*")]
     assert len(names) == 2 and not any(K1 in n or K2 in n or "order-42" in n for n in names), names
+
+
+# ----------------------------------------------------------------- 3: idempotent replay of an expired request
+def test_a_replay_whose_events_expired_ends_at_once(attack: Attack):
+    """Item 3: an Idempotency-Key lives no longer than its request's events, and a request whose events are gone
+    (expired) answers 410 at once instead of waiting forever."""
+    body, key = {"prompt": "replay me", "seed": 3, "max_new_tokens": 16}, {"Idempotency-Key": "replay-1"}
+    first = attack.post("/generate", json=body, headers={**AUTH1, **key})
+    assert first.status_code == 200, first.text
+    [idem] = [k for k in attack.redis.scan_iter(match=contract.idempotency_key(attack.tenant(K1), "replay-1"))]
+    assert 0 < attack.redis.ttl(idem) <= contract.EVENTS_TTL_S  # never names a request whose events are gone
+    attack.redis.delete(contract.events_key(first.json()["request_id"]))  # what expiry does
+    started = time.monotonic()
+    replay = attack.post("/generate", json=body, headers={**AUTH1, **key}, timeout=30)
+    assert replay.status_code == 410 and replay.json()["code"] == "expired", replay.text
+    assert time.monotonic() - started < 5
+
+
+# ----------------------------------------------------------------- 4: Redis restarts
+def test_after_a_redis_restart_every_request_succeeds(attack: Attack):
+    """Item 4: Redis killed (-9) and restarted: once it answers again, no request gets a 503 (stale pooled
+    connections are retried on a fresh one)."""
+    small = {"max_new_tokens": 16, "max_denoising_steps": 4}
+
+    async def burst(n: int, tag: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=attack.svc.url, headers=AUTH1, timeout=60) as http:
+            answers = await asyncio.gather(*(http.post("/generate", json={"prompt": f"{tag} {i}", "seed": i, **small})
+                                             for i in range(n)))
+        for a in answers:
+            attack.tally.answer(a.status_code)
+        return [a.status_code for a in answers]
+
+    assert set(asyncio.run(burst(12, "warm"))) == {200}  # the gateway's pools now hold several connections
+    attack.svc.redis.stop(kill=True)
+    attack.svc.redis.start()
+    assert wait_for(lambda: attack.redis.ping(), timeout=10)
+    codes = asyncio.run(burst(24, "after"))
+    codes += [attack.post("/generate", json={"prompt": f"one by one {i}", **small}).status_code for i in range(6)]
+    print(f"\nafter the restart: {Counter(codes)}")
+    assert set(codes) == {200}, Counter(codes)

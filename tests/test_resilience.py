@@ -158,21 +158,31 @@ def test_redis_stops_for_5_seconds_and_comes_back(svc):
                 tally.errored += 1
                 print("unexpected", resp.status_code, resp.text[:200])
 
+    back = 0
+
     async def scenario() -> None:
+        nonlocal back
         async with httpx.AsyncClient(base_url=s.url, timeout=120) as http:
             tasks = [asyncio.create_task(client(i, http)) for i in range(6)]
             await asyncio.sleep(3)
             s.redis.stop()  # SIGTERM: Redis writes its AOF and exits
-            await asyncio.sleep(5)
+            for i in range(3):  # a new request while Redis is down: 503 with Retry-After
+                await asyncio.sleep(1)
+                probe = await http.post("/generate", json={"prompt": f"probe {i}", "max_new_tokens": 8})
+                assert probe.status_code == 503, probe.text
+                unavailable.append(probe.headers.get("retry-after"))
+            await asyncio.sleep(2)
             s.redis.start()
+            back = len(unavailable)
             await asyncio.sleep(6)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
 
     asyncio.run(scenario())
     tally.report()
-    print(f"503 answers while Redis was down: {len(unavailable)}")
+    print(f"503 answers while Redis was down: {back}, after it came back: {len(unavailable) - back}")
     assert unavailable and all(v == "1" for v in unavailable)  # 503 with Retry-After while down
+    assert len(unavailable) == back  # none once Redis is back
     assert tally.errored == 0 and tally.lost == 0
     assert s.gateway.alive() and worker.alive()  # recovered without restarts
     done_after = httpx.post(s.url + "/generate", json={"prompt": "after", "max_new_tokens": 16}, timeout=60)

@@ -59,8 +59,7 @@ class Runner:
     ):
         self.engine = engine
         self.detok = Detokenizer(tokenizer)
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5,
-                                          health_check_interval=10)
+        self.redis = redis.Redis.from_url(redis_url, **contract.client_options(asynchronous=False))
         self.model_name = model_name
         self.worker_id = worker_id
         self.stream = contract.request_stream(model_name)
