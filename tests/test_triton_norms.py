@@ -1,0 +1,177 @@
+"""The Triton norm, RoPE/KV-store and gated-MLP kernels against their plain-torch specifications (`PLAIN[name]`).
+
+On a CPU the kernels run under TRITON_INTERPRET=1 (set here before triton is imported), on small shapes: hidden
+sizes 64 and 56 (not a power of two: masked blocks), head dims 16, 56, 256 and 512, grouped-query attention.
+
+Tolerances:
+- float32: 1e-5 relative plus 1e-5 of the tensor's largest magnitude. The kernels sum squares and GEMM products in
+  another order than torch and use IEEE sqrt and division where torch uses pow(-0.5): a few float32 ulps (~1e-7
+  relative) on each term; where terms cancel (the residual adds, the rotation, gelu(gate) * up) that error is
+  relative to the terms, not to the small result, hence the absolute part scaled to the tensor.
+- bfloat16: at most 2 bf16 ulps of each value plus 1 ulp of the tensor's largest magnitude (the same cancellation
+  argument), AND a minimum share of bit-identical values: the kernels round to bf16 at every point the spec does, so
+  all but the rare value whose float32 pre-image sits within a float32 rounding of a bf16 tie must agree exactly.
+  Dropping one of the spec's intermediate roundings breaks that share (a third to a half of the values move).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import worker.ops  # noqa: E402,F401  (registers the ops)
+from worker.ops.registry import PLAIN  # noqa: E402
+from worker.ops.triton import mlp, norms, rope  # noqa: E402
+from worker.ops.triton_kernels import TRITON_OPS, triton_function  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+EPS = 1e-6
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 values at |x| (8 significant bits)."""
+    _, exponent = torch.frexp(x.float().abs())
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exponent - 8)
+
+
+def assert_matches(ours: torch.Tensor, ref: torch.Tensor, exact_share: float = 0.99) -> None:
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype, (ours.shape, ours.dtype, ref.shape, ref.dtype)
+    a, b = ours.float(), ref.float()
+    err = (a - b).abs()
+    scale = b.abs().max()
+    if ref.dtype == torch.float32:
+        allowed = 1e-5 * b.abs() + 1e-5 * scale
+    else:
+        allowed = 2 * bf16_ulp(b) + bf16_ulp(scale)
+        same = (a == b).float().mean().item()
+        assert same >= exact_share, f"only {same:.4f} of the bf16 values are the spec's bits"
+    worst = (err - allowed).argmax()
+    assert bool((err <= allowed).all()), f"{a.view(-1)[worst]} vs {b.view(-1)[worst]} (max error {err.max()})"
+
+
+def assert_all_match(ours, ref, exact_share: float = 0.99) -> None:
+    assert len(ours) == len(ref)
+    for o, r in zip(ours, ref, strict=True):
+        assert_matches(o, r, exact_share)
+
+
+@pytest.fixture
+def rand():
+    g = torch.Generator().manual_seed(0)
+
+    def make(*shape, dtype, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, generator=g) * scale + offset).to(dtype)
+
+    make.generator = g
+    return make
+
+
+def test_every_op_has_a_triton_twin_with_the_specs_name_and_signature():
+    for names in TRITON_OPS.values():
+        for name in names:
+            if name not in ("rms_norm", "post_attention", "ffn_combine", "embed_condition", "embed_norm",
+                            "qk_norm_rope_store", "gate_up_gelu"):
+                continue  # other engineers' modules
+            fn = triton_function(name)
+            assert fn is not None, name
+            assert inspect.signature(fn) == inspect.signature(PLAIN[name]), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [64, 56])
+def test_rms_norm_matches_the_spec(rand, dtype, H):
+    for N in (1, 5):
+        x = rand(N, 2 * H, dtype=dtype, scale=3)[:, ::2]  # a strided view: copied to unit stride
+        w = rand(H, dtype=dtype, scale=0.2, offset=1)
+        assert_matches(norms.rms_norm(x, w, EPS), PLAIN["rms_norm"](x, w, EPS))
+        assert_matches(norms.rms_norm(x, None, EPS), PLAIN["rms_norm"](x, None, EPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [64, 56])
+def test_post_attention_matches_the_spec(rand, dtype, H):
+    N = 6
+    h = rand(N, H, dtype=dtype, scale=2)
+    a = rand(N, H + 8, dtype=dtype, scale=5)[:, :H]  # row stride H + 8
+    weights = [rand(H, dtype=dtype, scale=0.2, offset=1) for _ in range(4)]
+    args = (h, a, *weights, EPS, H ** -0.5)
+    assert_all_match(norms.post_attention(*args), PLAIN["post_attention"](*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,k", [(64, 8), (56, 3)])
+def test_ffn_combine_matches_the_spec(rand, dtype, H, k):
+    N = 5
+    h2, m = rand(N, H, dtype=dtype, scale=2), rand(N, H, dtype=dtype, scale=2)
+    e = rand(N, k, H, dtype=dtype, scale=3)
+    topk_weights = torch.softmax(torch.randn(N, k, generator=rand.generator), dim=-1)
+    w1, w2, w, w_next = (rand(H, dtype=dtype, scale=0.2, offset=1) for _ in range(4))
+    layer_scalar = torch.tensor([0.7], dtype=dtype)
+    args = (h2, m, e, topk_weights, w1, w2, w, layer_scalar, w_next, EPS)
+    assert_all_match(norms.ffn_combine(*args), PLAIN["ffn_combine"](*args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [64, 56])
+def test_embeddings_match_the_spec(rand, dtype, H):
+    V, N = 50, 7
+    table = rand(V, H, dtype=dtype)
+    ids = torch.randint(0, V, (N,), generator=rand.generator)
+    signal = rand(N, H, dtype=dtype)
+    w_next = rand(H, dtype=dtype, scale=0.2, offset=1)
+    scale = H ** 0.5  # not a bf16 value: the spec rounds it to the table's dtype first
+    args = (ids, table, scale, signal, w_next, EPS)
+    assert_all_match(norms.embed_condition(*args), PLAIN["embed_condition"](*args))
+    args = (ids, table, scale, w_next, EPS)
+    assert_all_match(norms.embed_norm(*args), PLAIN["embed_norm"](*args))
+
+
+# (head_dim, query heads, kv heads, rows, canvas, separate values, partial rotary like the global layers)
+ROPE_CASES = [(16, 4, 2, 2, 6, True, False), (56, 4, 1, 2, 6, False, True),
+              (256, 16, 8, 2, 2, True, False), (512, 16, 2, 2, 2, False, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,Hq,Hkv,B,L,has_v,partial", ROPE_CASES)
+def test_qk_norm_rope_store_matches_the_spec(rand, dtype, D, Hq, Hkv, B, L, has_v, partial):
+    """Queries out; keys and values into non-contiguous pool slots, the second row starting near the end of the
+    capacity so that its last positions are dropped; the rest of the pools untouched."""
+    S, capacity = 4, 4 + L // 2 + 2
+    qkv = rand(B * L, (Hq + 2 * Hkv) * D, dtype=dtype, scale=2)  # one fused projection, sliced: row strides
+    q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=1)
+    q_weight, k_weight = (rand(D, dtype=dtype, scale=0.2, offset=1) for _ in range(2))
+    positions = torch.randint(0, 4000, (B, 1), generator=rand.generator) + torch.arange(L)[None, :]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    if partial:
+        inv_freq[D // 8:] = 0.0
+    slots, start = torch.tensor([3, 1]), torch.tensor([0, capacity - L // 2])
+    assert int(start[1]) + L > capacity  # some positions do not fit
+    pools = [rand(S, Hkv, capacity, D, dtype=dtype) for _ in range(2)]
+    ref_pools = [p.clone() for p in pools]
+
+    def run(fn, k_pool, v_pool):
+        return fn(q, k, v if has_v else None, q_weight, k_weight, positions, inv_freq, 1.0, k_pool, v_pool, slots,
+                  start, EPS)
+
+    ours = run(rope.qk_norm_rope_store, *pools)
+    ref = run(PLAIN["qk_norm_rope_store"], *ref_pools)
+    assert_all_match([ours, *pools], [ref, *ref_pools])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,H,inter,blocks", [(7, 64, 48, mlp.SMALL), (37, 56, 40, mlp.LARGE)])
+def test_gate_up_gelu_matches_the_spec(rand, dtype, N, H, inter, blocks):
+    """Both shape classes' blocks, masked edges in every dimension (H 56 in blocks of 64)."""
+    x = rand(N, H, dtype=dtype)
+    w_gate, w_up = rand(inter, H, dtype=dtype, scale=2 * H ** -0.5), rand(inter, H, dtype=dtype, scale=H ** -0.5)
+    ref = PLAIN["gate_up_gelu"](x, w_gate, w_up)
+    # bf16: both GEMMs round once from float32 sums taken in another order, then the spec's three roundings
+    assert_matches(mlp.launch(x, w_gate, w_up, blocks), ref, exact_share=0.95)
+    assert_matches(mlp.gate_up_gelu(x, w_gate, w_up), ref, exact_share=0.95)
