@@ -14,7 +14,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="", help="model size preset (default: the task's; 'smoke' with --smoke)")
     p.add_argument("--arch", default="", help="text-config overrides, e.g. hidden_size=128,num_hidden_layers=4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=0, help="default: 512 on CUDA, small on CPU")
+    p.add_argument("--batch-size", type=int, default=0, help="default: 4096 sudoku / 768 text on CUDA, small on CPU")
     p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (default: 2e-3 CUDA, 1e-3 CPU)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
@@ -26,7 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sc-prob", type=float, default=0.5, help="fraction of examples trained with self-conditioning")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--init", default=None, help="continue from this checkpoint's weights (same architecture)")
-    p.add_argument("--compile", action="store_true", help="experimental: torch.compile the transformer layers")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer layers (default: on CUDA only)")
     p.add_argument("--smoke", action="store_true", help="CI mode: tiny model, a few steps, seconds on a CPU")
     p.add_argument("--safe", action="store_true",
                    help="fallback: transformers' own code paths only (no dense experts, fused norm, bf16, fused AdamW)")
@@ -39,9 +40,9 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
 
     s = sub.add_parser("sudoku", help="train the sudoku checkpoint")
     _common(s)
-    s.add_argument("--base-grids", type=int, default=0, help="random solved grids to transform (default 600)")
-    s.add_argument("--min-blanks", type=int, default=40)
-    s.add_argument("--max-blanks", type=int, default=64)
+    s.add_argument("--bank", default=None, help="puzzle bank .npz (default training/data/sudoku_bank.npz)")
+    s.add_argument("--reveal-prob", type=float, default=0.1,
+                   help="share of training puzzles made easier by revealing extra givens")
     s.add_argument("--eval-puzzles", type=int, default=0, help="qqwing puzzles to evaluate on (0: all 256)")
     s.add_argument("--sampler-steps", type=int, default=32, help="max_denoising_steps of the checkpoint")
 
@@ -61,9 +62,19 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="default training/data/sudoku_eval.csv")
     e.add_argument("--per-difficulty", type=int, default=64)
 
+    b = sub.add_parser("sudoku-bank", help="generate, rate and pack the unique-solution training puzzles (gcc, qqwing)")
+    b.add_argument("--out", default=None, help="default training/data/sudoku_bank.npz")
+    b.add_argument("--puzzles", type=int, default=48_000)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--workers", type=int, default=2)
+
     g = sub.add_parser("gpu", help="train both checkpoints within one time budget (the scripted GPU run)")
     g.add_argument("--out", default="models", help="parent directory: <out>/sudoku, <out>/text")
-    g.add_argument("--budget", type=float, default=240.0, help="total wall-clock seconds for both models")
+    g.add_argument("--budget", type=float, default=540.0, help="total wall-clock seconds for both models")
+    g.add_argument("--init-from", default=None, help="continue <dir>/sudoku and <dir>/text (e.g. models)")
+    g.add_argument("--text-canvas", type=int, default=0, help="canvas length of the text model (0: the trainer's)")
+    g.add_argument("--sudoku-args", default="", help="extra arguments for the sudoku training only")
+    g.add_argument("--text-args", default="", help="extra arguments for the text training only")
     g.add_argument("--sequential", action="store_true", help="one after the other instead of side by side")
     g.add_argument("--device", default="cuda", choices=["auto", "cpu", "cuda"])
     g.add_argument("--corpus", default=None)
@@ -104,6 +115,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m training") -> int
         print(path)
         return 0
 
+    if args.command == "sudoku-bank":
+        from pathlib import Path
+
+        from training import sudoku_bank as SB
+
+        info = SB.build_bank(args.puzzles, Path(args.out) if args.out else SB.BANK_PATH, seed=args.seed,
+                             workers=args.workers)
+        print(json.dumps(info))
+        return 0
+
     if args.command == "gpu":
         from training.gpu import run_both
 
@@ -120,7 +141,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training") -> int
         smoke=args.smoke, started=started, arch=parse_arch(args.arch),
     )
     if args.command == "sudoku":
-        cfg.base_grids, cfg.min_blanks, cfg.max_blanks = args.base_grids, args.min_blanks, args.max_blanks
+        cfg.bank, cfg.reveal_prob = args.bank, args.reveal_prob
         cfg.eval_puzzles, cfg.sampler_steps = args.eval_puzzles, args.sampler_steps
     else:
         cfg.corpus, cfg.vocab_size, cfg.canvas_length = args.corpus, args.vocab_size, args.canvas_length

@@ -1,11 +1,12 @@
 """Training data: sudoku grids and puzzles, and a small public-domain English corpus.
 
 Sudoku
-    Training volume comes from `SudokuSampler`: a pool of random solved grids (randomized backtracking), each
-    example a random validity-preserving transform of one of them (digit relabelling, rows within bands, bands,
-    columns within stacks, stacks, transpose) with 40-64 random cells blanked. All on the training device.
-    Evaluation uses qqwing puzzles (unique solutions), bundled in `training/data/sudoku_eval.csv` so that the
-    GPU machine needs no qqwing.
+    Training volume comes from `SudokuSampler`: puzzles with exactly one solution from the committed bank
+    (`training/sudoku_bank.py`: minimal puzzles, qqwing's spread of difficulty), each example a random
+    validity-preserving transform of one of them (digit relabelling, rows within bands, bands, columns within
+    stacks, stacks, transpose), a share of them made easier by revealing extra givens. All on the training
+    device. Evaluation uses qqwing puzzles (unique solutions), bundled in `training/data/sudoku_eval.csv` so that
+    the GPU machine needs no qqwing; no bank puzzle equals one of them (tested).
 
     Checkpoint format: a character tokenizer over "0123456789."; prompt = <bos> + the 81 puzzle characters
     (blank = '0' or '.', both trained); canvas = the 81 solution digits (canvas_length 81). At inference the
@@ -72,66 +73,18 @@ def consistent(puzzle: Sequence[int], solution: Sequence[int]) -> bool:
     return all(p == 0 or p == s for p, s in zip(puzzle, solution, strict=True))
 
 
-def random_full_grid(rng: random.Random) -> list[int]:
-    """A uniformly-seeded random solved grid by randomized backtracking (most-constrained cell first)."""
-    grid = [0] * 81
-    rows = [set() for _ in range(9)]
-    cols = [set() for _ in range(9)]
-    boxes = [set() for _ in range(9)]
-    digits = list(range(1, 10))
-
-    def candidates(i: int) -> list[int]:
-        r, c = divmod(i, 9)
-        used = rows[r] | cols[c] | boxes[(r // 3) * 3 + c // 3]
-        return [d for d in digits if d not in used]
-
-    def solve() -> bool:
-        best, best_cands = -1, None
-        for i in range(81):
-            if grid[i] == 0:
-                cands = candidates(i)
-                if best_cands is None or len(cands) < len(best_cands):
-                    best, best_cands = i, cands
-                    if len(cands) <= 1:
-                        break
-        if best < 0:
-            return True
-        rng.shuffle(best_cands)
-        r, c = divmod(best, 9)
-        b = (r // 3) * 3 + c // 3
-        for d in best_cands:
-            grid[best] = d
-            rows[r].add(d), cols[c].add(d), boxes[b].add(d)
-            if solve():
-                return True
-            rows[r].discard(d), cols[c].discard(d), boxes[b].discard(d)
-        grid[best] = 0
-        return False
-
-    assert solve()
-    return grid
-
-
-def base_grids(n: int, seed: int) -> np.ndarray:
-    """`n` random solved grids (n, 81), deterministic in `seed`. About 1 ms each."""
-    rng = random.Random(seed)
-    return np.array([random_full_grid(rng) for _ in range(n)], dtype=np.int64)
-
-
 def _random_perms(batch: int, n: int, generator: torch.Generator, device) -> torch.Tensor:
     return torch.argsort(torch.rand(batch, n, generator=generator, device=device), dim=-1)
 
 
-def transform_grids(grids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random validity-preserving transforms of solved grids (B, 81) -> (B, 81), all on the grids' device.
+def random_symmetry(batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random element of the Sudoku symmetry group per row: (relabel (B, 10) with 0 -> 0, index (B, 81)).
 
     digit relabelling x row permutations within bands x band permutations x the same for columns/stacks x
-    optional transpose: the whole symmetry group of a grid (about 1.2e12 images each).
-    """
-    batch, device = grids.shape[0], grids.device
+    optional transpose (about 1.2e12 images of a grid). Cell i of the image is cell index[i] of the original,
+    relabelled: validity, givens and the number of solutions are all preserved."""
     relabel = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device),
-                         _random_perms(batch, 9, generator, device) + 1], dim=1)  # 0 stays 0
-    out = torch.gather(relabel, 1, grids)
+                         _random_perms(batch, 9, generator, device) + 1], dim=1)
 
     def line_order() -> torch.Tensor:  # (B, 9): which old row (col) goes to each new row (col)
         bands = _random_perms(batch, 3, generator, device)  # (B, 3)
@@ -142,14 +95,27 @@ def transform_grids(grids: torch.Tensor, generator: torch.Generator) -> torch.Te
     index = rows[:, :, None] * 9 + cols[:, None, :]  # (B, 9, 9)
     transpose = torch.rand(batch, generator=generator, device=device) < 0.5
     index = torch.where(transpose[:, None, None], index.transpose(1, 2), index).reshape(batch, 81)
-    return torch.gather(out, 1, index)
+    return relabel, index
 
 
-def blank_cells(batch: int, min_blanks: int, max_blanks: int, generator: torch.Generator, device) -> torch.Tensor:
-    """(B, 81) bool: a uniformly random set of k ~ U{min_blanks..max_blanks} blank cells per row."""
-    k = torch.randint(min_blanks, max_blanks + 1, (batch, 1), generator=generator, device=device)
-    ranks = torch.argsort(torch.argsort(torch.rand(batch, 81, generator=generator, device=device), dim=-1), dim=-1)
-    return ranks < k
+def transform_grids(grids: torch.Tensor, generator: torch.Generator, *cell_masks: torch.Tensor):
+    """Random validity-preserving transforms of grids (B, 81) -> (B, 81), all on the grids' device; any
+    `cell_masks` (B, 81) are moved with their cells. Returns the grids, or (grids, *masks) when masks are given."""
+    relabel, index = random_symmetry(grids.shape[0], generator, grids.device)
+    out = torch.gather(torch.gather(relabel, 1, grids), 1, index)
+    if not cell_masks:
+        return out
+    return (out, *(torch.gather(m, 1, index) for m in cell_masks))
+
+
+def reveal_extra(givens: torch.Tensor, reveal_prob: float, max_fraction: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Easier puzzles for a `reveal_prob` share of rows: each blank becomes a given with probability
+    u ~ U(0, max_fraction) (per row). A unique puzzle with more givens is still unique."""
+    batch = givens.shape[0]
+    chosen = torch.rand(batch, generator=generator, device=givens.device) < reveal_prob
+    rate = torch.rand(batch, generator=generator, device=givens.device) * max_fraction * chosen
+    return givens | (torch.rand(givens.shape, generator=generator, device=givens.device) < rate[:, None])
 
 
 def prompt_ids_from_digits(puzzle: torch.Tensor, dot_blank: torch.Tensor | bool = False) -> torch.Tensor:
@@ -198,24 +164,37 @@ class SudokuBatch:
 
 
 class SudokuSampler:
-    """Endless random training puzzles, generated on `device`."""
+    """Endless training puzzles with exactly one solution, generated on `device` without host round trips:
+    a bank puzzle (`training/sudoku_bank.py`), optionally with extra givens revealed (`reveal_extra`), under a
+    random symmetry of the grid, with '0' or '.' for its blanks."""
 
-    def __init__(self, grids: np.ndarray, device, seed: int, min_blanks: int = 40, max_blanks: int = 64,
-                 dot_prob: float = 0.5):
-        self.grids = torch.as_tensor(grids, dtype=torch.long, device=device)
+    def __init__(self, solutions: np.ndarray, givens: np.ndarray, device, seed: int, reveal_prob: float = 0.1,
+                 reveal_max: float = 0.5, dot_prob: float = 0.5):
         self.device = torch.device(device)
+        self.solutions = torch.as_tensor(np.asarray(solutions), dtype=torch.long, device=self.device)  # (N, 81)
+        self.givens = torch.as_tensor(np.asarray(givens), dtype=torch.bool, device=self.device)  # (N, 81)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
-        self.min_blanks, self.max_blanks, self.dot_prob = min_blanks, max_blanks, dot_prob
+        self.reveal_prob, self.reveal_max, self.dot_prob = reveal_prob, reveal_max, dot_prob
+
+    @classmethod
+    def from_bank(cls, device, seed: int, path=None, **kwargs) -> SudokuSampler:
+        from training.sudoku_bank import BANK_PATH, load_bank
+
+        bank = load_bank(path or BANK_PATH)
+        return cls(bank.solutions, bank.givens, device, seed, **kwargs)
+
+    def __len__(self) -> int:
+        return self.solutions.shape[0]
 
     def sample(self, batch: int) -> SudokuBatch:
         g = self.generator
-        pick = torch.randint(0, self.grids.shape[0], (batch,), generator=g, device=self.device)
-        solution = transform_grids(self.grids[pick], g)
-        blank = blank_cells(batch, self.min_blanks, self.max_blanks, g, self.device)
-        puzzle = torch.where(blank, torch.zeros_like(solution), solution)
+        pick = torch.randint(0, len(self), (batch,), generator=g, device=self.device)
+        givens = reveal_extra(self.givens[pick], self.reveal_prob, self.reveal_max, g)
+        solution, givens = transform_grids(self.solutions[pick], g, givens)
+        puzzle = torch.where(givens, solution, torch.zeros_like(solution))
         dot = torch.rand(batch, generator=g, device=self.device) < self.dot_prob
-        return SudokuBatch(prompt_ids_from_digits(puzzle, dot), canvas_ids_from_digits(solution), ~blank,
+        return SudokuBatch(prompt_ids_from_digits(puzzle, dot), canvas_ids_from_digits(solution), givens,
                            puzzle, solution)
 
 

@@ -50,16 +50,22 @@ def _pump(stream, prefix: str, log_file: Path) -> None:
             sys.stdout.flush()
 
 
+SMALL_GPU_BATCH = {"sudoku": "1024", "text": "256"}  # under 100 GiB; a big card takes the trainer's defaults
+
+
 def _command(name: str, out_dir: Path, seconds: float, args, big_gpu: bool) -> list[str]:
     cmd = [sys.executable, "-m", "training", name, "--out", str(out_dir), "--max-seconds", f"{seconds:.0f}",
            "--device", args.device]
     if args.smoke:
         cmd.append("--smoke")
-    elif args.device != "cpu":
-        cmd += ["--batch-size", "1024" if big_gpu else "512"]
-    if name == "text" and args.corpus:
-        cmd += ["--corpus", args.corpus]
-    cmd += shlex.split(args.extra)
+    elif args.device != "cpu" and not big_gpu:
+        cmd += ["--batch-size", SMALL_GPU_BATCH[name]]
+    if args.init_from:
+        cmd += ["--init", str(Path(args.init_from) / name)]
+    if name == "text":
+        cmd += (["--corpus", args.corpus] if args.corpus else []) + \
+            (["--canvas-length", str(args.text_canvas)] if args.text_canvas else [])
+    cmd += shlex.split(args.extra) + shlex.split(getattr(args, f"{name}_args") or "")
     return cmd
 
 
