@@ -6,7 +6,7 @@ product with a model-dtype parameter) is done here at the same point, with bit a
 interpreter's own bf16 conversion truncates), so bf16 results agree to the last bit except where a float32
 reduction order differs. Each input row is read once and each output row written once.
 
-The helpers `round_to`, `inv_rms_of`, `dtype_mode` and `row_block` serve the RoPE and MLP kernels too.
+The helpers `round_to`, `inv_rms_of`, `dtype_mode` and `rows` serve the RoPE and MLP kernels too.
 """
 
 from __future__ import annotations
@@ -103,14 +103,15 @@ def _post_attention_kernel(h_ptr, a_ptr, w_attn_ptr, w_ff_ptr, w_ff2_ptr, scale_
 
 @triton.jit
 def _ffn_combine_kernel(h2_ptr, m_ptr, e_ptr, tw_ptr, w_ff1_ptr, w_ff2_ptr, w_ff_ptr, ls_ptr, w_next_ptr,
-                        out_ptr, x_ptr, H, K, s_h2, s_m, s_e0, s_e1, s_tw0, s_tw1, eps,
-                        MODE: tl.constexpr, BLOCK: tl.constexpr):
+                        out_ptr, x_ptr, H, s_h2, s_m, s_e0, s_e1, s_tw0, s_tw1, eps,
+                        K: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
     # the routed sum: float32 products of the rounded expert outputs and the weights, summed in top-k order
+    # (unrolled: the k loads are in flight together)
     acc = tl.zeros((BLOCK,), tl.float32)
-    for j in range(K):
+    for j in tl.static_range(K):
         w = tl.load(tw_ptr + row * s_tw0 + j * s_tw1).to(tl.float32)
         acc += _load_row(e_ptr + row * s_e0 + j * s_e1, offs, mask) * w
     experts = round_to(acc, MODE)
@@ -181,9 +182,9 @@ def ffn_combine(h2: torch.Tensor, m: torch.Tensor, e: torch.Tensor, topk_weights
     if N:
         block, warps = row_block(H)
         _ffn_combine_kernel[(N,)](h2, m, e, topk_weights, w_post_ff1, w_post_ff2, w_post_ff, layer_scalar, w_next,
-                                  out, x, H, e.shape[1], h2.stride(0), m.stride(0), e.stride(0), e.stride(1),
-                                  topk_weights.stride(0), topk_weights.stride(1), eps, MODE=dtype_mode(h2.dtype),
-                                  BLOCK=block, num_warps=warps)
+                                  out, x, H, h2.stride(0), m.stride(0), e.stride(0), e.stride(1),
+                                  topk_weights.stride(0), topk_weights.stride(1), eps, K=e.shape[1],
+                                  MODE=dtype_mode(h2.dtype), BLOCK=block, num_warps=warps)
     return out, x
 
 

@@ -58,6 +58,37 @@ def _store_halves(ptr, offs, y1, y2, half, mask, MODE: tl.constexpr):
 
 
 @triton.jit
+def _queries(q_ptr, qw_ptr, out_ptr, t, first, Hq, D, half, d, cos, sin, eps, MODE: tl.constexpr,
+             HEADS: tl.constexpr):
+    """Query heads first .. first + HEADS - 1 of token t: normed, rotated, into the (B, L, Hq, D) output."""
+    heads = first + tl.arange(0, HEADS)
+    mask = (heads < Hq)[:, None] & (d < half)[None, :]
+    x1, x2, r = _load_heads(q_ptr, heads, d, mask, half, D, eps)
+    y1, y2 = _weighted(x1, x2, r, qw_ptr, d, half, MODE)
+    y1, y2 = _rotate(y1, y2, cos, sin, MODE)
+    _store_halves(out_ptr + t * Hq * D, heads[:, None] * D + d[None, :], y1, y2, half, mask, MODE)
+
+
+@triton.jit
+def _keys_values(k_ptr, v_ptr, kw_ptr, k_pool, v_pool, pos, first, Hkv, D, half, d, cos, sin, capacity,
+                 kp1, vp1, eps, HAS_V: tl.constexpr, MODE: tl.constexpr, POOL_MODE: tl.constexpr,
+                 HEADS: tl.constexpr):
+    """KV heads first .. first + HEADS - 1 of one token: keys normed and rotated into k_pool, values normed into
+    v_pool (k_pool and v_pool already point at [slot, 0, pos, 0]); nothing where pos >= capacity."""
+    heads = first + tl.arange(0, HEADS)
+    fits = (heads < Hkv) & (pos + 0 * heads < capacity)  # (HEADS,): a scalar mask here trips the interpreter
+    mask = fits[:, None] & (d < half)[None, :]
+    x1, x2, r = _load_heads(k_ptr, heads, d, mask, half, D, eps)
+    y1, y2 = _weighted(x1, x2, r, kw_ptr, d, half, MODE)
+    y1, y2 = _rotate(y1, y2, cos, sin, MODE)
+    _store_halves(k_pool, heads[:, None].to(tl.int64) * kp1 + d[None, :], y1, y2, half, mask, POOL_MODE)
+    if HAS_V:  # values: their own norm, no weight; else the keys' norm without the weight
+        x1, x2, r = _load_heads(v_ptr, heads, d, mask, half, D, eps)
+    _store_halves(v_pool, heads[:, None].to(tl.int64) * vp1 + d[None, :], round_to(x1 * r, MODE),
+                  round_to(x2 * r, MODE), half, mask, POOL_MODE)
+
+
+@triton.jit
 def _qk_norm_rope_store_kernel(
     q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, pos_ptr, inv_freq_ptr, k_pool, v_pool, slots_ptr, start_ptr, out_ptr,
     L, Hq, Hkv, D, half, s_q, s_k, s_v, kp0, kp1, kp2, vp0, vp1, vp2, capacity, rope_scale, eps,
@@ -71,30 +102,16 @@ def _qk_norm_rope_store_kernel(
     freqs = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_freq_ptr + d, mask=d < half, other=0.0)
     cos = round_to(tl.cos(freqs) * rope_scale, MODE)[None, :]
     sin = round_to(tl.sin(freqs) * rope_scale, MODE)[None, :]
+    # the branches assign nothing: Triton merges names assigned in both branches of a runtime `if`
     if hb < nqb:
-        heads = hb * QHB + tl.arange(0, QHB)
-        mask = (heads < Hq)[:, None] & (d < half)[None, :]
-        x1, x2, r = _load_heads(q_ptr + t * s_q, heads, d, mask, half, D, eps)
-        y1, y2 = _weighted(x1, x2, r, qw_ptr, d, half, MODE)
-        y1, y2 = _rotate(y1, y2, cos, sin, MODE)
-        _store_halves(out_ptr + t * Hq * D, heads[:, None] * D + d[None, :], y1, y2, half, mask, MODE)
+        _queries(q_ptr + t * s_q, qw_ptr, out_ptr, t, hb * QHB, Hq, D, half, d, cos, sin, eps, MODE, QHB)
     else:
-        heads = (hb - nqb) * KHB + tl.arange(0, KHB)
         b = t // L
         pos = tl.load(start_ptr + b) + t % L
-        fits = (heads < Hkv) & (pos + 0 * heads < capacity)  # (KHB,): a scalar mask here trips the interpreter
-        mask = fits[:, None] & (d < half)[None, :]
         slot = tl.load(slots_ptr + b)
-        x1, x2, r = _load_heads(k_ptr + t * s_k, heads, d, mask, half, D, eps)
-        y1, y2 = _weighted(x1, x2, r, kw_ptr, d, half, MODE)
-        y1, y2 = _rotate(y1, y2, cos, sin, MODE)
-        offs = heads[:, None].to(tl.int64) * kp1 + d[None, :]
-        _store_halves(k_pool + slot * kp0 + pos * kp2, offs, y1, y2, half, mask, POOL_MODE)
-        if HAS_V:  # values: their own norm, no weight; else the keys' norm without the weight
-            x1, x2, r = _load_heads(v_ptr + t * s_v, heads, d, mask, half, D, eps)
-        offs = heads[:, None].to(tl.int64) * vp1 + d[None, :]
-        _store_halves(v_pool + slot * vp0 + pos * vp2, offs, round_to(x1 * r, MODE), round_to(x2 * r, MODE), half,
-                      mask, POOL_MODE)
+        _keys_values(k_ptr + t * s_k, v_ptr + t * s_v, kw_ptr, k_pool + slot * kp0 + pos * kp2,
+                     v_pool + slot * vp0 + pos * vp2, pos, (hb - nqb) * KHB, Hkv, D, half, d, cos, sin,
+                     capacity, kp1, vp1, eps, HAS_V, MODE, POOL_MODE, KHB)
 
 
 def _heads_per_program(heads: int, block_half: int) -> int:
