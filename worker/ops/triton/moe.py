@@ -127,17 +127,19 @@ def moe_route(x: torch.Tensor, weight: torch.Tensor, per_expert_scale: torch.Ten
     E = weight.shape[0]
     weights = torch.empty((N, top_k), dtype=torch.float32, device=x.device)
     ids = torch.empty((N, top_k), dtype=torch.int32, device=x.device)
-    # Tokens per program: 16 up to 16 canvas rows (N <= 4096: 16..256 programs, enough to spread the router weight's
-    # reads over the SMs), 64 beyond (256 programs at 64 rows, a quarter of the L2 traffic on the weight).
-    # The whole (BLOCK_T, E=128) logit tile stays in registers for the top-k; H is walked 64 at a time.
-    block_t = 16 if N <= 4096 else 64
+    config = route_config(N, E, top_k, x.dtype)
     if N:
-        _route_kernel[(triton.cdiv(N, block_t),)](
-            x, weight, per_expert_scale, weights, ids, N, H, E,
-            TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=64, BLOCK_E=_pow2(E, lo=16), K_PAD=_pow2(top_k),
-            ROUND_BF16=x.dtype == torch.bfloat16, UPCAST=_upcast(), num_warps=4, num_stages=4,
-        )
+        _route_kernel[(triton.cdiv(N, config["BLOCK_T"]),)](
+            x, weight, per_expert_scale, weights, ids, N, H, E, **config)
     return weights, ids
+
+
+def route_config(num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype) -> dict:
+    """Tokens per program: 16 up to 16 canvas rows (N <= 4096: 16..256 programs, enough to spread the router
+    weight's reads over the SMs), 64 beyond (256 programs at 64 rows, a quarter of the L2 traffic on the weight).
+    The whole (BLOCK_T, E=128) logit tile stays in registers for the top-k; H is walked 64 deep, 4 stages."""
+    return dict(TOP_K=top_k, BLOCK_T=16 if num_tokens <= 4096 else 64, BLOCK_H=64, BLOCK_E=_pow2(num_experts, lo=16),
+                K_PAD=_pow2(top_k), ROUND_BF16=dtype == torch.bfloat16, UPCAST=_upcast(), num_warps=4, num_stages=4)
 
 
 # ---------------------------------------------------------------------------------------------------- moe_align
@@ -206,6 +208,23 @@ def _align_place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_p
         tl.store(num_padded_ptr, total)
 
 
+def align_config(pairs: int) -> tuple[int, int]:
+    """(tile, chunk): a tile of 128 pairs x 128 experts is 16K one-hot lanes (64 registers a thread at 8 warps);
+    chunks grow so that at most 128 programs run (131072 pairs: 128 chunks of 1024), which bounds the histogram
+    rows each program sums."""
+    tile = _pow2(pairs, lo=16, hi=128)
+    return tile, max(tile, _pow2(triton.cdiv(pairs, 128)))
+
+
+def align_kernel_configs(num_experts: int, block: int, tile: int) -> tuple[dict, dict]:
+    """Compile-time parameters of the histogram and placement kernels; the (TILE, experts) one-hot tiles take
+    8 warps from 16K lanes up. The placement sums the histograms 16 chunks at a time and fills 16 blocks at a time."""
+    block_e = _pow2(num_experts)
+    warps = 8 if tile * block_e >= 16384 else 4
+    count = dict(TILE=tile, BLOCK_E=block_e, num_warps=warps)
+    return count, dict(count, BLOCK=block, ROWS_G=16, TILE_B=16)
+
+
 def _align_launch(ids: torch.Tensor, num_experts: int, block: int, tile: int, chunk: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_align with explicit tile (pairs per vector step) and chunk (pairs per program, a multiple of tile)."""
@@ -215,30 +234,22 @@ def _align_launch(ids: torch.Tensor, num_experts: int, block: int, tile: int, ch
     P = padded_size(pairs, num_experts, block)
     num_blocks = P // block
     num_chunks = max(1, triton.cdiv(pairs, chunk))
-    block_e = _pow2(num_experts)
+    count_config, place_config = align_kernel_configs(num_experts, block, tile)
     dev = ids.device
-    counts = torch.empty((num_chunks, block_e), dtype=torch.int32, device=dev)
+    counts = torch.empty((num_chunks, count_config["BLOCK_E"]), dtype=torch.int32, device=dev)
     sorted_ids = torch.empty((P,), dtype=torch.int32, device=dev)
     block_expert = torch.empty((num_blocks,), dtype=torch.int32, device=dev)
     num_padded = torch.empty((1,), dtype=torch.int32, device=dev)
-    warps = 8 if tile * block_e >= 16384 else 4
-    _align_count_kernel[(num_chunks,)](flat, counts, pairs, chunk, TILE=tile, BLOCK_E=block_e, num_warps=warps)
+    _align_count_kernel[(num_chunks,)](flat, counts, pairs, chunk, **count_config)
     _align_place_kernel[(num_chunks,)](
         flat, counts, sorted_ids, block_expert, num_padded, pairs, chunk, num_chunks, num_blocks,
-        triton.cdiv(num_blocks, num_chunks),
-        BLOCK=block, TILE=tile, BLOCK_E=block_e, ROWS_G=16, TILE_B=16, num_warps=warps,
-    )
+        triton.cdiv(num_blocks, num_chunks), **place_config)
     return sorted_ids, block_expert, num_padded
 
 
 def moe_align(ids: torch.Tensor, num_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids (N, k) int32 -> sorted_ids (P,) int32, block_expert (P / block,) int32, num_padded (1,) int32."""
-    pairs = ids.numel()
-    # A tile of 128 pairs x 128 experts is 16K one-hot lanes (64 registers a thread at 8 warps); chunks grow so that
-    # at most 128 programs run (131072 pairs: 128 chunks of 1024), which bounds the histogram each one sums.
-    tile = _pow2(pairs, lo=16, hi=128)
-    chunk = max(tile, _pow2(triton.cdiv(pairs, 128)))
-    return _align_launch(ids, num_experts, block, tile, chunk)
+    return _align_launch(ids, num_experts, block, *align_config(ids.numel()))
 
 
 # ------------------------------------------------------------------------------------------- the grouped GEMMs
@@ -325,15 +336,32 @@ def _down_kernel(act_ptr, w_ptr, sorted_ptr, block_expert_ptr, out_ptr, H, INTER
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
 
-def _gemm_blocks(sorted_ids: torch.Tensor, block_expert: torch.Tensor, n: int, k: int, block_n: int,
-                 dtype: torch.dtype) -> dict:
-    """Tile sizes of a grouped GEMM with n output columns and depth k; the block is the layout's."""
+def layout_block(sorted_ids: torch.Tensor, block_expert: torch.Tensor) -> int:
+    """The aligned layout's block (moe_align's `block`): the M tile of both grouped GEMMs."""
     block = sorted_ids.shape[0] // block_expert.shape[0]
     assert block * block_expert.shape[0] == sorted_ids.shape[0] and block >= 16 and block & (block - 1) == 0, (
         f"the aligned layout's block must be a power of two >= 16 (tl.dot), got {block}")
+    return block
+
+
+def gate_up_config(block: int, inter: int, hidden: int, dtype: torch.dtype) -> dict:
+    """64 x 64 tiles with two float32 accumulators (the gate and the up half: 128 columns of wgmma work per step),
+    k 64 deep: 3 stages of (x 8 KB + 2 x 8 KB of weights) = 72 KB of shared memory, 4 warps (one warp group)."""
+    return _gemm_config(block, inter, hidden, 64, dtype)
+
+
+def down_config(block: int, hidden: int, inter: int, dtype: torch.dtype) -> dict:
+    """64 x 128 output tiles (one accumulator: 64 registers a thread at 4 warps), k 64 deep over I = 704 (11 steps):
+    3 stages of (8 + 16) KB of shared memory."""
+    return _gemm_config(block, hidden, inter, 128, dtype)
+
+
+def _gemm_config(block: int, n: int, k: int, block_n: int, dtype: torch.dtype) -> dict:
+    """Tiles of a grouped GEMM with n output columns and depth k, clamped for small shapes (tests)."""
     block_k = _pow2(k, lo=16, hi=64)
     return dict(BLOCK_M=block, BLOCK_N=_pow2(n, lo=16, hi=block_n), BLOCK_K=block_k, GROUP_M=8,
-                EVEN_K=k % block_k == 0, ROUND_BF16=dtype == torch.bfloat16, UPCAST=_upcast())
+                EVEN_K=k % block_k == 0, ROUND_BF16=dtype == torch.bfloat16, UPCAST=_upcast(), num_warps=4,
+                num_stages=3)
 
 
 def moe_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
@@ -345,14 +373,12 @@ def moe_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tens
     inter = w_gate_up.shape[1] // 2
     P = sorted_ids.shape[0]
     act = torch.empty((P, inter), dtype=x.dtype, device=x.device)
-    # 64 x 64 tiles with two float32 accumulators (the gate and the up half: 128 columns of wgmma work per step),
-    # k 64 deep: 3 stages of (x 8 KB + 2 x 8 KB of weights) = 72 KB of shared memory, 4 warps (one warp group).
-    blocks = _gemm_blocks(sorted_ids, block_expert, inter, H, 64, x.dtype)
+    config = gate_up_config(layout_block(sorted_ids, block_expert), inter, H, x.dtype)
     num_blocks = block_expert.shape[0]
-    grid = (num_blocks * triton.cdiv(inter, blocks["BLOCK_N"]),)
+    grid = (num_blocks * triton.cdiv(inter, config["BLOCK_N"]),)
     if num_blocks:
         _gate_up_kernel[grid](x, w_gate_up, sorted_ids, block_expert, act, H, inter, N * top_k, top_k, num_blocks,
-                              *w_gate_up.stride(), **blocks, num_warps=4, num_stages=3)
+                              *w_gate_up.stride(), **config)
     return act
 
 
@@ -363,12 +389,10 @@ def moe_down(act: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tensor, 
     act = act.contiguous()
     H, inter = w_down.shape[1], w_down.shape[2]
     out = torch.empty((num_tokens * top_k, H), dtype=act.dtype, device=act.device)
-    # 64 x 128 output tiles (one accumulator: 64 registers a thread at 4 warps), k 64 deep over I = 704 (11 steps):
-    # 3 stages of (8 + 16) KB of shared memory. Every pair is a real row of exactly one block: out is fully written.
-    blocks = _gemm_blocks(sorted_ids, block_expert, H, inter, 128, act.dtype)
+    config = down_config(layout_block(sorted_ids, block_expert), H, inter, act.dtype)
     num_blocks = block_expert.shape[0]
-    grid = (num_blocks * triton.cdiv(H, blocks["BLOCK_N"]),)
-    if num_blocks:
+    grid = (num_blocks * triton.cdiv(H, config["BLOCK_N"]),)
+    if num_blocks:  # every pair is a real row of exactly one block: out is fully written
         _down_kernel[grid](act, w_down, sorted_ids, block_expert, out, H, inter, num_tokens * top_k, num_blocks,
-                           *w_down.stride(), **blocks, num_warps=4, num_stages=3)
+                           *w_down.stride(), **config)
     return out.view(num_tokens, top_k, H)
