@@ -14,6 +14,10 @@ Tolerances:
   float32 rounding of a tie must agree exactly.
   Dropping one of the spec's intermediate roundings breaks that share (a third to a half of the values move).
 
+On a GPU, `TRITON_INTERPRET=0 pytest tests/test_triton_norms.py` runs the same comparisons on the device, and two
+more: the ops dispatch to these kernels, and the launchers capture into a CUDA graph that replays with new slots,
+starts, positions and ids.
+
 The interpreter accepts kernels that the compiler rejects (it once passed a runtime `if` whose branches gave one
 name two shapes), so the last test also compiles every launcher's kernels for sm90 at the real shapes, down to a
 cubin, with no GPU: a stand-in driver names the target and launches become compile-only warmups.
@@ -40,6 +44,8 @@ from worker.ops.registry import PLAIN  # noqa: E402
 from worker.ops.triton import mlp, norms, rope  # noqa: E402
 from worker.ops.triton_kernels import TRITON_OPS, triton_function  # noqa: E402
 
+# the interpreter on the CPU; with TRITON_INTERPRET=0 on a machine with CUDA, the same checks on the device
+DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16]
 WITH_FP16 = [*DTYPES, torch.float16]  # the worker's dtype setting allows float16 too: its rounding path
 EPS = 1e-6
@@ -77,7 +83,7 @@ def rand():
     g = torch.Generator().manual_seed(0)
 
     def make(*shape, dtype, scale=1.0, offset=0.0):
-        return (torch.randn(*shape, generator=g) * scale + offset).to(dtype)
+        return (torch.randn(*shape, generator=g) * scale + offset).to(dtype).to(DEVICE)
 
     make.generator = g
     return make
@@ -121,9 +127,9 @@ def test_ffn_combine_matches_the_spec(rand, dtype, H, k):
     N = 5
     h2, m = rand(N, H, dtype=dtype, scale=2), rand(N, H, dtype=dtype, scale=2)
     e = rand(N, k, H, dtype=dtype, scale=3)
-    topk_weights = torch.softmax(torch.randn(N, k, generator=rand.generator), dim=-1)
+    topk_weights = torch.softmax(rand(N, k, dtype=torch.float32), dim=-1)
     w1, w2, w, w_next = (rand(H, dtype=dtype, scale=0.2, offset=1) for _ in range(4))
-    layer_scalar = torch.tensor([0.7], dtype=dtype)
+    layer_scalar = torch.tensor([0.7], dtype=dtype, device=DEVICE)
     args = (h2, m, e, topk_weights, w1, w2, w, layer_scalar, w_next, EPS)
     assert_all_match(norms.ffn_combine(*args), PLAIN["ffn_combine"](*args))
 
@@ -133,7 +139,7 @@ def test_ffn_combine_matches_the_spec(rand, dtype, H, k):
 def test_embeddings_match_the_spec(rand, dtype, H):
     V, N = 50, 7
     table = rand(V, H, dtype=dtype)
-    ids = torch.randint(0, V, (N,), generator=rand.generator)
+    ids = torch.randint(0, V, (N,), generator=rand.generator).to(DEVICE)
     signal = rand(N, H, dtype=dtype)
     w_next = rand(H, dtype=dtype, scale=0.2, offset=1)
     scale = H ** 0.5  # not a bf16 value: the spec rounds it to the table's dtype first
@@ -157,11 +163,11 @@ def test_qk_norm_rope_store_matches_the_spec(rand, dtype, D, Hq, Hkv, B, L, has_
     qkv = rand(B * L, (Hq + 2 * Hkv) * D, dtype=dtype, scale=2)  # one fused projection, sliced: row strides
     q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], dim=1)
     q_weight, k_weight = (rand(D, dtype=dtype, scale=0.2, offset=1) for _ in range(2))
-    positions = torch.randint(0, 4000, (B, 1), generator=rand.generator) + torch.arange(L)[None, :]
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    positions = (torch.randint(0, 4000, (B, 1), generator=rand.generator) + torch.arange(L)[None, :]).to(DEVICE)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))).to(DEVICE)
     if partial:
         inv_freq[D // 8:] = 0.0
-    slots, start = torch.tensor([3, 1]), torch.tensor([0, capacity - L // 2])
+    slots, start = torch.tensor([3, 1], device=DEVICE), torch.tensor([0, capacity - L // 2], device=DEVICE)
     assert int(start[1]) + L > capacity  # some positions do not fit
     pools = [rand(S, Hkv, capacity, D, dtype=dtype) for _ in range(2)]
     ref_pools = [p.clone() for p in pools]
@@ -258,3 +264,64 @@ def test_every_kernel_compiles_for_sm90_at_the_real_shapes():
             assert k["wgmma"], k
         else:
             assert k["vector_loads"], k
+
+
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="a GPU check: TRITON_INTERPRET=0 on a machine with CUDA")
+
+
+@needs_cuda
+def test_the_ops_dispatch_to_the_triton_kernels_on_cuda(rand):
+    x = rand(8, 64, dtype=torch.bfloat16)
+    w = rand(64, dtype=torch.bfloat16, offset=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.dgserve.rms_norm(x, w, EPS)
+        torch.ops.dgserve.gate_up_gelu(x, rand(32, 64, dtype=torch.bfloat16), rand(32, 64, dtype=torch.bfloat16))
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert {"_rms_kernel", "_gate_up_gelu_kernel"} <= names, names
+
+
+@needs_cuda
+def test_the_launchers_replay_in_a_cuda_graph_with_new_slots_starts_and_ids(rand):
+    """Captured once; each replay reads the lengths, slots, positions and ids from the device buffers."""
+    dtype, B, L, H, D, Hq, Hkv, V, S, capacity = torch.bfloat16, 2, 16, 64, 32, 4, 2, 40, 4, 24
+    ids = torch.zeros(B * L, dtype=torch.long, device=DEVICE)
+    positions = torch.zeros(B, L, dtype=torch.long, device=DEVICE)
+    slots, start = (torch.zeros(B, dtype=torch.long, device=DEVICE) for _ in range(2))
+    table, signal = rand(V, H, dtype=dtype), rand(B * L, H, dtype=dtype)
+    w = rand(H, dtype=dtype, scale=0.2, offset=1)
+    wq, wk, wv = rand(Hq * D, H, dtype=dtype, scale=H ** -0.5), *(rand(Hkv * D, H, dtype=dtype) for _ in range(2))
+    q_weight, k_weight = rand(D, dtype=dtype, offset=1), rand(D, dtype=dtype, offset=1)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))).to(DEVICE)
+    w_gate, w_up = rand(48, H, dtype=dtype, scale=H ** -0.5), rand(48, H, dtype=dtype, scale=H ** -0.5)
+
+    def step(ops, k_pool, v_pool):
+        h, x = ops["embed_condition"](ids, table, H ** 0.5, signal, w, EPS)
+        q = ops["qk_norm_rope_store"](x @ wq.T, x @ wk.T, x @ wv.T, q_weight, k_weight, positions, inv_freq, 1.0,
+                                      k_pool, v_pool, slots, start, EPS)
+        h2, x_mlp, _, _ = ops["post_attention"](h, q.view(B * L, -1)[:, :H], w, w, w, w, EPS, H ** -0.5)
+        return ops["gate_up_gelu"](x_mlp, w_gate, w_up), ops["rms_norm"](h2, w, EPS)
+
+    ours = {"embed_condition": norms.embed_condition, "qk_norm_rope_store": rope.qk_norm_rope_store,
+            "post_attention": norms.post_attention, "gate_up_gelu": mlp.gate_up_gelu, "rms_norm": norms.rms_norm}
+    pools = [torch.zeros(S, Hkv, capacity, D, dtype=dtype, device=DEVICE) for _ in range(2)]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        step(ours, *pools)  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step(ours, *pools)
+    g = torch.Generator().manual_seed(1)
+    for slot_pair, starts in (([3, 1], [0, capacity - 4]), ([0, 2], [5, 9])):
+        ids.copy_(torch.randint(0, V, (B * L,), generator=g))
+        starts_t = torch.tensor(starts)
+        positions.copy_(starts_t[:, None] + 100 + torch.arange(L)[None, :])
+        slots.copy_(torch.tensor(slot_pair))
+        start.copy_(starts_t)
+        for p in pools:
+            p.zero_()
+        ref_pools = [p.clone() for p in pools]
+        graph.replay()
+        expected = step(PLAIN, *ref_pools)
+        assert_all_match([*outputs, *pools], [*expected, *ref_pools], exact_share=0.95)

@@ -51,8 +51,11 @@ def round_to(x, MODE: tl.constexpr):
 
 @triton.jit
 def inv_rms_of(sum_sq, n, eps):
-    """(sum_sq / n + eps)^-0.5 with IEEE sqrt and division, as the reference's mean and pow(-0.5)."""
-    return tl.div_rn(1.0, tl.sqrt_rn(sum_sq / n + eps))
+    """(sum_sq / n + eps)^-0.5 with IEEE division and sqrt, as torch computes the mean (a sum, then a division) and
+    pow(-0.5) (1 / sqrt) on the CPU; `/` would be the approximate div.full.f32 on a GPU. div_rn takes two tensors
+    of one shape."""
+    zero = tl.zeros_like(sum_sq)
+    return tl.div_rn(zero + 1.0, tl.sqrt_rn(tl.div_rn(sum_sq, zero + n) + eps))
 
 
 @triton.jit
