@@ -12,14 +12,15 @@ Tolerances:
   magnitude (the same cancellation argument), AND a minimum share of bit-identical values: the kernels round to
   the model dtype at every point the spec does, so all but the rare value whose float32 pre-image sits within a
   float32 rounding of a tie must agree exactly.
-  Dropping one of the spec's intermediate roundings breaks that share (a third to a half of the values move).
+  Dropping any one of the spec's intermediate roundings leaves 55-97% of the values identical (measured), under
+  the 99% asked (95% for the GEMM, whose float32 sums also differ in order before the first rounding).
 
 On a GPU, `TRITON_INTERPRET=0 pytest tests/test_triton_norms.py` runs the same comparisons on the device, and two
 more: the ops dispatch to these kernels, and the launchers capture into a CUDA graph that replays with new slots,
 starts, positions and ids.
 
 The interpreter accepts kernels that the compiler rejects (it once passed a runtime `if` whose branches gave one
-name two shapes), so the last test also compiles every launcher's kernels for sm90 at the real shapes, down to a
+name two shapes), so a test also compiles every launcher's kernels for sm90 at the real shapes, down to a
 cubin, with no GPU: a stand-in driver names the target and launches become compile-only warmups.
 """
 
@@ -90,14 +91,10 @@ def rand():
 
 
 def test_every_op_has_a_triton_twin_with_the_specs_name_and_signature():
-    for names in TRITON_OPS.values():
-        for name in names:
-            if name not in ("rms_norm", "post_attention", "ffn_combine", "embed_condition", "embed_norm",
-                            "qk_norm_rope_store", "gate_up_gelu"):
-                continue  # other engineers' modules
-            fn = triton_function(name)
-            assert fn is not None, name
-            assert inspect.signature(fn) == inspect.signature(PLAIN[name]), name
+    for name in (*TRITON_OPS["norms"], *TRITON_OPS["rope"], *TRITON_OPS["mlp"]):
+        fn = triton_function(name)
+        assert fn is not None, name
+        assert inspect.signature(fn) == inspect.signature(PLAIN[name]), name
 
 
 @pytest.mark.parametrize("dtype", WITH_FP16)
