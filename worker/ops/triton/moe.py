@@ -32,9 +32,11 @@ BLOCK_M = 64
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _check_dtype(t: torch.Tensor) -> None:
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"the Triton MoE kernels support {SUPPORTED_DTYPES}, not {t.dtype}")
+def _check_dtypes(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """Activations and weights in one supported dtype (tl.dot takes two operands of the same type)."""
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        raise ValueError(f"the Triton MoE kernels take activations and weights in one of {SUPPORTED_DTYPES}, "
+                         f"not {x.dtype} and {weight.dtype}")
 
 
 def _pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
@@ -121,8 +123,8 @@ def _route_kernel(x_ptr, w_ptr, scale_ptr, weights_ptr, ids_ptr, N, H, E,
 def moe_route(x: torch.Tensor, weight: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, H), weight (E, H), per_expert_scale (E,) -> weights (N, k) float32, ids (N, k) int32."""
-    _check_dtype(x)
-    x, weight = x.contiguous(), weight.contiguous()
+    _check_dtypes(x, weight)
+    x, weight, per_expert_scale = x.contiguous(), weight.contiguous(), per_expert_scale.contiguous()
     N, H = x.shape
     E = weight.shape[0]
     weights = torch.empty((N, top_k), dtype=torch.float32, device=x.device)
@@ -367,7 +369,7 @@ def _gemm_config(block: int, n: int, k: int, block_n: int, dtype: torch.dtype) -
 def moe_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                 num_padded: torch.Tensor, top_k: int) -> torch.Tensor:
     """x (N, H), w_gate_up (E, 2I, H) -> act (P, I) in x's dtype (padding rows: zeros)."""
-    _check_dtype(x)
+    _check_dtypes(x, w_gate_up)
     x = x.contiguous()
     N, H = x.shape
     inter = w_gate_up.shape[1] // 2
@@ -385,7 +387,7 @@ def moe_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tens
 def moe_down(act: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
              num_padded: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     """act (P, I), w_down (E, H, I) -> (N, k, H): each pair's expert output at [token, slot] (unweighted)."""
-    _check_dtype(act)
+    _check_dtypes(act, w_down)
     act = act.contiguous()
     H, inter = w_down.shape[1], w_down.shape[2]
     out = torch.empty((num_tokens * top_k, H), dtype=act.dtype, device=act.device)
