@@ -75,7 +75,7 @@ def ffn_combine(h2: torch.Tensor, m: torch.Tensor, e: torch.Tensor, topk_weights
     experts = (e * topk_weights[..., None]).sum(dim=1).to(h2.dtype)
     s = rms(m, w_post_ff1, eps) + rms(experts, w_post_ff2, eps)
     out = h2 + rms(s, w_post_ff, eps)
-    out = out * layer_scalar
+    out = (out * layer_scalar).to(h2.dtype)  # the reference scales in place: the stream keeps its dtype
     return out, rms(out, w_next, eps)
 
 
