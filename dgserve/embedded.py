@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dgserve.paths import REPO_ROOT, models_dir
-from dgserve.process import terminate
+from dgserve.process import die_with_parent, terminate
 from dgserve.redis_server import DataDirInUse, RedisServer, free_port
 
 EMBEDDED_MODELS = ("text", "sudoku")
@@ -79,7 +79,7 @@ class Child:
 
     def start(self) -> None:
         # a session of its own: the terminal's Ctrl-C goes to the supervisor, which stops the children in order
-        self.proc = subprocess.Popen(self.args, env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(self.args, env=self.env, start_new_session=True, preexec_fn=die_with_parent)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -113,7 +113,8 @@ def plan_children(host: str, port: int, models: str, workers_per_model: int, red
             wenv = {**env, "DG_MODEL_NAME": name, "DG_MODEL_PATH": str(Path(path)), "DG_DEVICE": "cpu",
                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                     "DG_MAX_BATCH": os.environ.get("DG_MAX_BATCH", "16"),
-                    "DG_TORCH_THREADS": str(threads), "DG_METRICS_HOST": host, "DG_METRICS_PORT": str(metrics_port),
+                    "DG_TORCH_THREADS": os.environ.get("DG_TORCH_THREADS", str(threads)),
+                    "DG_METRICS_HOST": host, "DG_METRICS_PORT": str(metrics_port),
                     "DG_WORKER_ID": f"{name}-{i}-{os.getpid()}"}
             plan.children.append(Child(f"worker[{name}#{i}]", [sys.executable, "-m", "dgserve", "worker"], wenv,
                                        metrics_url=f"http://{host}:{metrics_port}/metrics"))

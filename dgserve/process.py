@@ -1,9 +1,22 @@
-"""Stopping child processes the same way everywhere: a signal, a grace period, then SIGKILL."""
+"""Child processes, the same way everywhere: stopped with a signal, a grace period, then SIGKILL; and, where
+they run in a session of their own, ended with their parent."""
 
 from __future__ import annotations
 
+import ctypes
 import signal
 import subprocess
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """For `preexec_fn`: on Linux the child gets SIGTERM when its parent dies, even by SIGKILL, so a child in a
+    session of its own is never left behind holding a port or a data directory. Elsewhere: nothing."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def terminate(proc: subprocess.Popen, timeout: float = 30.0, sig: int = signal.SIGTERM) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import redis
 
-from dgserve.process import terminate
+from dgserve.process import die_with_parent, terminate
 
 LOCK_NAME = "redis.lock"
 
@@ -101,10 +101,10 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--maxmemory-policy", "noeviction", "--protected-mode", "no", "--daemonize", "no",
                 "--loglevel", "warning"]
-        # its own session: a Ctrl-C in the terminal goes to whoever started it, which stops it last; it shares
-        # the data directory's lock, which so outlives a parent that was killed
+        # its own session: a Ctrl-C in the terminal goes to whoever started it, which stops it last (and it ends
+        # with that parent); it holds the data directory's lock too, for as long as it runs
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                                     pass_fds=(self._lock_fd,))
+                                     pass_fds=(self._lock_fd,), preexec_fn=die_with_parent)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

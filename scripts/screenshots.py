@@ -1,7 +1,7 @@
 """Screenshots of the playground for the README: both modes mid-denoising and at the end.
 
     ./run up                                   # in another terminal: the service on 127.0.0.1:8000
-    python scripts/screenshots.py [--url http://127.0.0.1:8000] [--api-key KEY] [--out docs/screenshots]
+    .venv/bin/python scripts/screenshots.py [--url http://127.0.0.1:8000] [--api-key KEY] [--out docs/screenshots]
 
 Drives the system Chromium (/usr/bin/chromium, or --chromium) with Playwright; no browser is downloaded.
 To catch a canvas mid-denoising, the script routes the page's WebSocket and holds the server's messages

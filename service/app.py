@@ -64,7 +64,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             refresher.cancel()
             await broker.close()
 
-    app = FastAPI(title="dgserve", version="0.1.0", lifespan=lifespan,
+    # no /docs or /redoc: FastAPI loads their pages from a CDN, blank offline; /openapi.json stays
+    app = FastAPI(title="dgserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="DiffusionGemma serving: continuous batching, every denoising step streamed.")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)  # pure ASGI: routes still see the client leave

@@ -184,9 +184,14 @@ class Up:
         return self.proc.wait(timeout=90)
 
     def kill(self) -> None:
+        """Stop it as a user would (Ctrl-C), or kill it: its children die with it."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -220,6 +225,11 @@ def test_up_prints_every_address_and_worker_metrics_stay_on_the_gateway_host(up)
     assert listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only, as the gateway
     body = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert "dgserve:num_requests_running" in body
+    # no page that needs a CDN (Swagger UI, ReDoc) is served or advertised; the schema is
+    assert "/docs" not in log
+    gateway = f"http://127.0.0.1:{up.port}"
+    assert httpx.get(gateway + "/docs").status_code == httpx.get(gateway + "/redoc").status_code == 404
+    assert httpx.get(gateway + "/openapi.json").json()["info"]["title"] == "dgserve"
 
 
 def test_a_second_up_on_a_taken_port_starts_nothing(up):
@@ -283,3 +293,25 @@ def test_ctrl_c_on_a_lone_gateway_is_quiet(tiny_checkpoint, tmp_path):
             if proc.poll() is None:
                 proc.kill()
         assert "Traceback" not in out.read_text() and "KeyboardInterrupt" not in out.read_text(), out.read_text()
+
+
+def test_a_killed_up_leaves_nothing_behind(tiny_checkpoint, tmp_path):
+    """Its children run in sessions of their own (for Ctrl-C); they still end with it, even on SIGKILL."""
+    running = Up(tmp_path, free_port(), tmp_path / "redis", f"tiny={tiny_checkpoint}")
+    try:
+        running.wait_for("dgserve is up")
+        running.proc.kill()  # the supervisor alone, as the OOM killer would
+        running.proc.wait()
+        deadline = time.monotonic() + 60
+        while listening_addresses(running.port):
+            assert time.monotonic() < deadline, "the gateway outlived dgserve up"
+            time.sleep(0.2)
+        while True:  # Redis too: its data directory is free again
+            try:
+                RedisServer(data_dir=running.data_dir).start().stop()
+                break
+            except DataDirInUse:
+                assert time.monotonic() < deadline, "Redis outlived dgserve up"
+                time.sleep(0.2)
+    finally:
+        running.kill()

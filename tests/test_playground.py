@@ -254,9 +254,8 @@ def test_text_prompt_streams_every_step_into_the_grid(served, page):
     assert cells.count() == 64
     ids = page.eval_on_selector_all("#text-canvas li .id", "els => els.map(e => Number(e.textContent))")
     assert ids == last["draft_ids"]
-    if last.get("accepted_mask"):
-        accepted = page.locator("#text-canvas li.acc").count()
-        assert accepted == sum(last["accepted_mask"]) == last["accepted"]
+    # the last step committed its canvas: every cell is committed text, none a draft
+    assert page.locator("#text-canvas li.fin").count() == 64 and page.locator("#text-canvas li.noisy").count() == 0
     # committed canvases as text
     assert page.inner_text("#text-output").replace("\n", "") == done["text"].replace("\n", "")
 
@@ -267,6 +266,10 @@ def test_text_prompt_streams_every_step_into_the_grid(served, page):
     wait_text(page, "#text-timeline-label", "step 1 of canvas 1")
     ids = page.eval_on_selector_all("#text-canvas li .id", "els => els.map(e => Number(e.textContent))")
     assert ids == steps[0]["draft_ids"]
+    if steps[0].get("accepted_mask"):  # a step in progress: what it accepted, what it renoised
+        accepted = page.locator("#text-canvas li.acc").count()
+        assert accepted == sum(steps[0]["accepted_mask"]) == steps[0]["accepted"]
+        assert page.locator("#text-canvas li.noisy").count() == 64 - accepted
     assert "draft" in page.get_attribute("#text-output span", "class")  # the first step's draft, not committed
     page.click("#text-live")
     wait_text(page, "#text-timeline-label", "step 12 of canvas 2")
@@ -440,3 +443,189 @@ def test_api_keys(served, page):
     page.reload()
     page.wait_for_selector("html[data-ready=yes]")
     assert page.input_value("#api-key") == KEY
+
+
+# ------------------------------------------------------------------------- what a newcomer tripped on (issue 16)
+def raw_frames(page) -> tuple[list[str], list[str]]:
+    """Every WebSocket frame the page sends and receives, as raw text (Python's json reads 63-bit seeds exactly)."""
+    sent: list[str] = []
+    received: list[str] = []
+
+    def on_ws(ws):
+        ws.on("framesent", lambda payload: sent.append(payload))
+        ws.on("framereceived", lambda payload: received.append(payload))
+
+    page.on("websocket", on_ws)
+    return sent, received
+
+
+def of_type(frames: list[str], kind: str) -> list[dict]:
+    return [e for e in map(json.loads, frames) if e["type"] == kind]
+
+
+def test_a_seed_beyond_2_to_the_53_round_trips_exactly(served, page):
+    svc, _ = served
+    sent, received = raw_frames(page)
+    open_page(page, svc.url)
+    big = 2**63 - 25  # no float64 holds it: JavaScript's Number would round it
+    page.fill("#p-max_new_tokens", "64")
+    page.fill("#p-seed", str(big))
+    page.click("#text-run")
+    page.wait_for_selector("#text-status[data-state=done]")
+    assert of_type(sent, "generate")[-1]["seed"] == big
+    assert of_type(received, "queued")[-1]["seed"] == big
+    assert page.inner_text("#text-usage [data-usage=seed]") == str(big)
+
+    # a random seed (drawn by the server, 63 bits) is shown exactly, and running it again from the page repeats
+    # the text token for token
+    page.fill("#p-seed", "")
+    page.click("#text-run")
+    page.wait_for_selector("#text-status[data-state=done]")
+    drawn = of_type(received, "queued")[-1]["seed"]
+    first = of_type(received, "done")[-1]
+    shown = page.inner_text("#text-usage [data-usage=seed]")
+    assert shown == str(drawn)
+    page.fill("#p-seed", shown)
+    page.click("#text-run")
+    page.wait_for_selector("#text-status[data-state=done]")
+    again = of_type(received, "done")[-1]
+    assert of_type(received, "queued")[-1]["seed"] == drawn
+    assert again["request_id"] != first["request_id"] and again["token_ids"] == first["token_ids"]
+
+
+def test_sudoku_attempts_are_numbered_as_the_server_numbers_them(served, page):
+    """With a random seed, and the attempts' streams arriving in any order (here: reversed), the attempt the page
+    stars is the one the status line names, and it is the server's attempt; no attempt still runs after the
+    verdict."""
+    svc, _ = served
+    attempts = 4
+    server_frames: list[str] = []
+
+    def reorder(ws):
+        server = ws.connect_to_server()
+        held: list[str] = []
+        flushed = False
+
+        def to_page(message):
+            nonlocal flushed
+            server_frames.append(message)
+            if flushed:
+                ws.send(message)
+                return
+            held.append(message)
+            queued = [m for m in held if json.loads(m)["type"] == "queued"]
+            if len(queued) == attempts:  # every stream has started: the queued events reversed, then the rest
+                for m in [*reversed(queued), *(m for m in held if m not in queued)]:
+                    ws.send(m)
+                flushed = True
+
+        server.on_message(to_page)
+
+    page.route_web_socket(re.compile(r"/ws/generate"), reorder)
+    sent, _ = raw_frames(page)
+    open_page(page, svc.url, "sudoku")
+    page.fill("#puzzle", SIMPLE_A)
+    page.fill("#attempts", str(attempts))
+    page.click("#sudoku-run")
+    page.wait_for_selector("#sudoku-verdict:not([hidden])")
+    result = of_type(server_frames, "sudoku_result")[-1]
+    base = of_type(sent, "sudoku")[-1]["seed"]  # the page drew it: the field was empty
+    assert isinstance(base, int) and page.input_value("#sudoku-seed") == ""
+    queued = {e["request_id"]: e["seed"] for e in of_type(server_frames, "queued")}
+    assert queued[result["request_id"]] == base + result["attempt"]
+
+    status = page.inner_text("#sudoku-status")
+    n = result["attempt"] + 1
+    assert f"attempt {n} of {attempts}" in status, status
+    assert page.inner_text("#sudoku-attempts .attempt.chosen .alabel b") == f"#{n} ★"
+    assert page.get_attribute("#sudoku-attempts .attempt.chosen", "data-rid") == result["request_id"]
+    for button in page.locator("#sudoku-attempts .attempt").all():  # every number is its seed's
+        number = int(button.locator(".alabel b").inner_text().strip("#★ "))
+        assert queued[button.get_attribute("data-rid")] == base + number - 1
+    page.wait_for_timeout(1500)  # steps still in flight when the verdict came
+    states = page.eval_on_selector_all("#sudoku-attempts .attempt", "bs => bs.map(b => b.dataset.state)")
+    assert not {"running", "queued"} & set(states), states
+    labels = page.eval_on_selector_all("#sudoku-attempts .attempt .alabel", "ls => ls.map(l => l.textContent)")
+    assert not any("running" in label for label in labels), labels
+    # the answer is shown as an answer: no cell of it is a renoised draft
+    assert page.locator("#sudoku-grid .sc.noisy").count() == 0
+
+
+def test_nothing_of_a_previous_run_stays_on_screen(served, page):
+    svc, _ = served
+    sent, received = raw_frames(page)
+    open_page(page, svc.url)
+    # the badge says the truth on load: the server is up, the connection open
+    page.wait_for_selector("#conn[data-state=open]")
+    assert page.inner_text("#conn") == "connected"
+
+    page.evaluate("""() => {
+        const status = document.getElementById('text-status');
+        window.views = [];
+        new MutationObserver(() => window.views.push({
+            state: status.dataset.state, usageHidden: document.getElementById('text-usage').hidden,
+            step: document.getElementById('text-stat-step').textContent,
+            label: document.getElementById('text-timeline-label').textContent,
+        })).observe(status, {attributes: true, childList: true});
+    }""")
+    page.fill("#p-max_new_tokens", "64")
+    page.fill("#p-stability_threshold", "1000")  # every step runs: the last one still renoises some positions
+    page.fill("#p-max_denoising_steps", "12")
+    page.fill("#p-seed", "3")
+    page.click("#text-run")
+    page.wait_for_selector("#text-status[data-state=done]")
+    last = of_type(received, "step")[-1]
+    assert 0 in last["accepted_mask"]  # the event's mask has renoised positions ...
+    # ... but at "Done" the canvas is committed text: no cell is styled as a draft
+    assert page.locator("#text-canvas li.noisy").count() == 0
+    assert page.locator("#text-canvas li.fin").count() == 64
+    assert not page.is_hidden("#text-usage")
+
+    # a new run shows none of the last one's usage, stats or steps while it starts
+    page.evaluate("() => { window.views = []; }")
+    page.click("#text-run")
+    page.wait_for_selector("#text-status[data-state=done]")
+    views = page.evaluate("() => window.views")
+    starting = [v for v in views if v["state"] in ("connecting", "queued")]
+    assert starting and all(v["usageHidden"] and v["step"] == "–" and v["label"] == "no steps yet"
+                            for v in starting), views
+
+    # an error after a finished run: nothing of that run stays either
+    page.fill("#p-t_min", "-1")
+    page.click("#text-run")
+    page.wait_for_selector("#text-status[data-state=error]")
+    assert page.is_hidden("#text-usage")
+    assert [page.inner_text(f"#text-stat-{k}") for k in ("canvas", "step", "accepted", "entropy")] == ["–"] * 4
+    assert page.inner_text("#text-timeline-label") == "no steps yet"
+    assert page.locator("#text-canvas li.empty").count() == 64
+
+
+def test_replay_shows_every_step_at_a_watchable_pace(served, page):
+    svc, _ = served
+    open_page(page, svc.url)
+    page.fill("#p-max_new_tokens", "64")
+    page.fill("#p-stability_threshold", "1000")
+    page.fill("#p-max_denoising_steps", "10")
+    page.fill("#p-seed", "4")
+    assert page.is_disabled("#text-replay")
+    page.click("#text-run")
+    page.wait_for_selector("#text-status[data-state=done]")
+    page.select_option("#text-speed", "16")
+    page.evaluate("""() => {
+        const label = document.getElementById('text-timeline-label');
+        window.shown = [];
+        new MutationObserver(() => window.shown.push([label.textContent, performance.now()]))
+            .observe(label, {childList: true, characterData: true, subtree: true});
+    }""")
+    page.click("#text-replay")
+    assert page.inner_text("#text-replay") == "Stop"
+    page.wait_for_function("() => document.getElementById('text-replay').textContent === 'Replay'", timeout=10_000)
+    shown = page.evaluate("() => window.shown")
+    order = []
+    for text, _ in shown:
+        m = re.search(r"· (\d+) / 10", text)
+        if m and (not order or order[-1] != int(m[1])):
+            order.append(int(m[1]))
+    assert order == list(range(1, 11)), shown  # every step, once, in order
+    assert any("(replay)" in text for text, _ in shown)
+    assert page.inner_text("#text-timeline-label").startswith("step 10 of canvas 1 · 10 / 10")

@@ -1,6 +1,10 @@
 // The documented API only: GET /v1/models and the WebSocket /ws/generate (messages generate, sudoku,
 // cancel). The API key (if the server wants one) is kept in localStorage and sent as a Bearer header
 // over HTTP and as ?api_key= on the WebSocket URL.
+//
+// Seeds are 63-bit integers; a JavaScript number holds integers exactly only up to 2^53. So the page keeps
+// every seed as a string of digits: `seed` numbers in the server's messages are read as their digits, and
+// a seed string goes out as a JSON number with exactly those digits. A run shown here can be repeated.
 
 const KEY_STORAGE = "dgserve.apiKey";
 
@@ -33,6 +37,25 @@ export async function fetchModels(key) {
     return { ok: false, status: resp.status, message };
   }
   return { ok: true, status: resp.status, models: Array.isArray(body.data) ? body.data : [] };
+}
+
+// A server message, with every numeric `seed` kept as its exact digits (a string). The pattern cannot
+// match inside a JSON string: quotes there are escaped.
+export function parseMessage(text) {
+  return JSON.parse(text.replace(/"seed":\s*(\d+)(?=\s*[,}])/g, '"seed":"$1"'));
+}
+
+// A message for the server: a `seed` given as a string of digits goes as a JSON number of those digits.
+export function encodeMessage(message) {
+  const marked = JSON.stringify(message, (k, v) => (k === "seed" && typeof v === "string" && /^\d+$/.test(v)
+    ? `\u0000seed:${v}\u0000` : v));
+  return marked.replace(/"seed":"\\u0000seed:(\d+)\\u0000"/g, '"seed":$1');
+}
+
+// A random seed below 2^62 as digits (room for Sudoku's seed + attempt index below the server's 2^63 - 1).
+export function randomSeed() {
+  const [hi, lo] = crypto.getRandomValues(new Uint32Array(2));
+  return ((BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo)).toString();
 }
 
 export function wsUrl(key) {
@@ -82,7 +105,7 @@ export class Connection {
       });
       ws.addEventListener("message", (msg) => {
         let event;
-        try { event = JSON.parse(msg.data); } catch { return; }
+        try { event = parseMessage(msg.data); } catch { return; }
         this.onEvent(event);
       });
       ws.addEventListener("close", async (ev) => {
@@ -113,7 +136,7 @@ export class Connection {
 
   send(message) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
-    this.ws.send(JSON.stringify(message));
+    this.ws.send(encodeMessage(message));
     return true;
   }
 

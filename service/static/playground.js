@@ -1,7 +1,7 @@
 // The dgserve playground: text and Sudoku over the WebSocket API, every denoising step drawn.
 // No framework, no build step: ES modules served by the gateway from service/static/.
 
-import { Connection, fetchModels, loadKey, saveKey } from "./api.js";
+import { Connection, fetchModels, loadKey, randomSeed, saveKey } from "./api.js";
 import { EXAMPLES, badness, clashes, normalizePuzzle, overlay, stepCells } from "./sudoku.js";
 
 const $ = (id) => document.getElementById(id);
@@ -38,7 +38,8 @@ function newRef(kind) {
 function showConnection(state, detail) {
   const pill = $("conn");
   pill.dataset.state = state;
-  pill.textContent = { connecting: "connecting…", open: "connected", closed: "offline", refused: "refused" }[state] || state;
+  pill.textContent = { connecting: "connecting…", open: "connected", closed: "disconnected", offline: "offline",
+                       refused: "refused" }[state] || state;
   pill.title = detail || "WebSocket connection";
 }
 
@@ -90,6 +91,69 @@ function schedule(what) {
   });
 }
 
+// Replay: a finished run's steps again, one at a time, at a pace a person can follow (a small model on a
+// CPU finishes in well under a second). Scrubbing, Live or a new run stops it.
+const replays = { text: null, sudoku: null };
+
+function stopReplay(kind) {
+  if (replays[kind] === null) return;
+  clearInterval(replays[kind]);
+  replays[kind] = null;
+  $(`${kind}-replay`).textContent = "Replay";
+  $(`${kind}-replay`).setAttribute("aria-pressed", "false");
+}
+
+// `steps()`: how many steps the run shown has now. Each step is drawn when its turn comes (not on the next
+// animation frame, which a busy or hidden tab may skip), so every one is seen.
+function startReplay(kind, run, steps, perSecond) {
+  const render = { text: renderText, sudoku: renderSudoku }[kind];
+  stopReplay(kind);
+  run.follow = false;
+  run.index = 0;
+  run.replaying = true;
+  render();
+  $(`${kind}-replay`).textContent = "Stop";
+  $(`${kind}-replay`).setAttribute("aria-pressed", "true");
+  replays[kind] = setInterval(() => {
+    if (run !== app[kind] || run.index >= steps() - 1) {
+      run.replaying = false;
+      stopReplay(kind);
+      if (run === app[kind]) render();
+      return;
+    }
+    run.index += 1;
+    render();
+  }, 1000 / perSecond);
+}
+
+function endReplay(kind, run) {
+  stopReplay(kind);
+  run.replaying = false;
+}
+
+// Live (follow the newest step) and Replay (toggle) of a panel's timeline; `stepsOf(run)`: a function giving
+// how many steps the replay may show, or null when there is nothing to replay.
+function setupTimelineButtons(kind, stepsOf) {
+  $(`${kind}-live`).addEventListener("click", () => {
+    const run = app[kind];
+    if (!run) return;
+    endReplay(kind, run);
+    run.follow = true;
+    schedule(kind);
+  });
+  $(`${kind}-replay`).addEventListener("click", () => {
+    const run = app[kind];
+    if (!run) return;
+    if (replays[kind] !== null) {
+      endReplay(kind, run);
+      schedule(kind);
+      return;
+    }
+    const steps = stepsOf(run);
+    if (steps) startReplay(kind, run, steps, Number($("text-speed").value));
+  });
+}
+
 // Every server message: to the run it belongs to.
 function route(event) {
   if (event.type === "queued") {
@@ -137,12 +201,16 @@ async function loadModels() {
   if (!got.ok) {
     if (got.status === 401) {
       showBanner(`This server needs an API key: ${got.status} ${got.message}. Enter it above and press Save.`);
+      showConnection("refused", "the server needs an API key");
     } else {
       showBanner(`Could not list the models: ${got.status ? `${got.status} ` : ""}${got.message}`);
+      showConnection(got.status ? "refused" : "offline", got.message);
     }
     return;
   }
   showBanner("");
+  // the badge tells the truth from the start: open the connection every run will use
+  conn.ready(app.key).catch(() => { /* the badge says why */ });
   app.models = got.models;
   const keep = select.value;
   select.replaceChildren(new Option("server default", ""));
@@ -306,6 +374,10 @@ function readParams() {
   for (const input of document.querySelectorAll("#text-form [data-param]")) {
     const raw = input.value.trim();
     if (raw === "") continue;
+    if (input.dataset.kind === "seed") {  // digits, kept exact (api.js sends them as a JSON number)
+      out[input.dataset.param] = raw;
+      continue;
+    }
     const value = Number(raw);
     // a malformed number goes as typed: the server names the field and the limit
     out[input.dataset.param] = Number.isFinite(value) ? value : raw;
@@ -328,17 +400,17 @@ async function startText(e) {
   if ($("chat").checked) body.messages = [{ role: "user", content: prompt }];
   else body.prompt = prompt;
 
+  stopReplay("text");
   if (app.text) app.runsByRef.delete(app.text.ref);
   const run = new TextRun(body, canvasLengthFor(model));
   app.text = run;
   app.runsByRef.set(run.ref, run);
   showError($("text-error"), "");
-  $("text-usage").hidden = true;
   setStatus($("text-status"), "connecting", "Sending…");
   $("text-run").disabled = true;
   $("text-cancel").disabled = false;
   drawEmptyCanvas(run.canvasLength);
-  schedule("text");
+  renderText();  // nothing of the previous run stays on screen: stats, usage, timeline, text
   await send(run, body);
 }
 
@@ -396,10 +468,12 @@ function renderText() {
   slider.value = String(Math.max(0, run.index));
   $("text-live").disabled = run.follow || n === 0;
   $("text-live").setAttribute("aria-pressed", String(run.follow));
+  $("text-replay").disabled = !run.ended || n < 2;
 
   const step = run.history[run.index];
   if (!step) {
     $("text-timeline-label").textContent = "no steps yet";
+    for (const id of ["canvas", "step", "accepted", "entropy"]) $(`text-stat-${id}`).textContent = "–";
     renderTextOutput(run, null);
     renderUsage(run);
     return;
@@ -414,14 +488,17 @@ function renderText() {
   const grid = $("text-canvas");
   grid.dataset.mask = mask ? "yes" : "no";
   grid.dataset.tokens = tokens ? "yes" : "no";
-  grid.classList.toggle("committed", Boolean(committed && committed.steps === step.step));
+  // the step that committed its canvas: the argmax draft became the text, so no position is a draft any more
+  const final = Boolean(committed && committed.steps === step.step);
+  grid.classList.toggle("committed", final);
 
   const cells = grid.children;
   for (let i = 0; i < ids.length; i++) {
     const li = cells[i];
     const changed = prev ? prev.draft_ids[i] !== ids[i] : false;
     let cls = "cell";
-    if (mask) cls += mask[i] ? " acc" : " noisy";
+    if (final) cls += " fin";
+    else if (mask) cls += mask[i] ? " acc" : " noisy";
     if (changed) cls += " chg";
     const tok = tokens ? tokens[i] : null;
     if (tok !== null && /^<[^<>]+>$/.test(tok)) cls += " special";
@@ -432,7 +509,7 @@ function renderText() {
     li.style.setProperty("--h", h === null ? "0" : entropyLevel(h).toFixed(3));
     li.title = `position ${i} · id ${ids[i]}${tok !== null ? ` · ${JSON.stringify(tok)}` : ""}`
       + (h !== null ? ` · entropy ${h.toFixed(3)}` : "")
-      + (mask ? (mask[i] ? " · accepted" : " · renoised") : "")
+      + (final ? " · committed" : mask ? (mask[i] ? " · accepted" : " · renoised") : "")
       + (changed ? " · changed" : "");
   }
   $("text-legend").dataset.mask = mask ? "yes" : "no";
@@ -443,7 +520,8 @@ function renderText() {
   $("text-stat-accepted").textContent = `${step.accepted} / ${ids.length}`;
   $("text-stat-entropy").textContent = fmt(step.mean_entropy);
   $("text-timeline-label").textContent =
-    `step ${step.step} of canvas ${step.canvas + 1} · ${run.index + 1} / ${n}${run.ended ? "" : " (live)"}`;
+    `step ${step.step} of canvas ${step.canvas + 1} · ${run.index + 1} / ${n}`
+    + `${run.ended ? (run.replaying ? " (replay)" : "") : " (live)"}`;
   renderTextOutput(run, step);
   renderUsage(run);
 }
@@ -495,6 +573,7 @@ function renderUsage(run) {
     ["canvases", u.canvases],
     ["denoising_steps", u.denoising_steps],
     ["tokens_per_forward", fmt(u.tokens_per_forward, 2)],
+    ["seed", run.seed ?? "–"],  // exact (a string of digits): put it in the seed field to run this again
     ["wall time", seconds(run.elapsed)],
   ];
   dl.replaceChildren(...rows.map(([k, v]) => {
@@ -520,15 +599,12 @@ function setupText() {
   $("text-timeline").addEventListener("input", (e) => {
     const run = app.text;
     if (!run) return;
+    endReplay("text", run);
     run.index = Number(e.target.value);
     run.follow = !run.ended && run.index === run.history.length - 1;
     schedule("text");
   });
-  $("text-live").addEventListener("click", () => {
-    if (!app.text) return;
-    app.text.follow = true;
-    schedule("text");
-  });
+  setupTimelineButtons("text", (run) => () => run.history.length);
   drawEmptyCanvas(64);
 }
 
@@ -553,14 +629,16 @@ class SudokuRun {
   }
 
   queued(event) {
-    const order = this.seed !== null ? event.seed - this.seed : this.attempts.length;
+    // attempt i runs with seed + i (the server's numbering): the order whatever order the streams arrive in
+    const order = attemptIndex(this.seed, event.seed) ?? this.attempts.length;
     const attempt = { rid: event.request_id, seed: event.seed, order, history: [], state: "queued", final: null, error: null };
     this.byRid.set(event.request_id, attempt);
     this.attempts.push(attempt);
     this.attempts.sort((a, b) => a.order - b.order);
     this.attempts.forEach((a, i) => { a.n = i + 1; });
     if (this.attempts.length === 1) {
-      setStatus($("sudoku-status"), "running", `Solving: ${this.wanted} attempt${this.wanted === 1 ? "" : "s"} side by side.`);
+      setStatus($("sudoku-status"), "running", `Solving: ${this.wanted} attempt${this.wanted === 1 ? "" : "s"} `
+        + `side by side, seed ${this.seed}.`);
     }
     if (this.cancelWanted) conn.send({ type: "cancel", request_id: event.request_id });
     schedule("sudoku");
@@ -575,6 +653,7 @@ class SudokuRun {
     if (!a) return;
     switch (event.type) {
       case "step": {
+        if (a.state !== "queued" && a.state !== "running") return;  // stopped by the verdict: steps in flight
         const grid = overlay(this.puzzle, stepCells(this.puzzle, event));
         a.history.push({ step: event.step, grid, mask: event.accepted_mask, entropy: event.entropy,
                          accepted: event.accepted, meanEntropy: event.mean_entropy });
@@ -618,12 +697,16 @@ class SudokuRun {
     }
     this.focus = null;
     this.follow = true;
+    // the server stops every attempt still running once it has a verdict
+    for (const a of this.attempts) if (a.state === "queued" || a.state === "running") a.state = "stopped";
+    const chosen = this.byRid.get(event.request_id);
+    const n = chosen ? chosen.n : event.attempt + 1;
     const verdict = event.valid ? "valid" : "not valid";
     if (this.cancelWanted) {
       setStatus($("sudoku-status"), "cancelled", `Cancelled; of the attempts that finished, the best is ${verdict}.`);
     } else {
       setStatus($("sudoku-status"), "done",
-        `Done: ${verdict}, attempt ${event.attempt + 1} of ${event.attempts}, ${seconds(this.elapsed)}.`);
+        `Done: ${verdict}, attempt ${n} of ${event.attempts}, ${seconds(this.elapsed)}.`);
     }
     $("sudoku-status").dataset.valid = event.valid ? "yes" : "no";
     sudokuIdle();
@@ -670,6 +753,16 @@ class SudokuRun {
   }
 }
 
+// Which attempt a seed belongs to (seed - base, exact on 63-bit seeds), or null when it cannot say.
+function attemptIndex(base, seed) {
+  try {
+    const i = BigInt(seed) - BigInt(base);
+    return i >= 0n && i < 1024n ? Number(i) : null;
+  } catch {
+    return null;
+  }
+}
+
 function readPuzzle() {
   try {
     return { puzzle: normalizePuzzle($("puzzle").value) };
@@ -706,6 +799,7 @@ async function startSudoku(e) {
   const body = { type: "sudoku", ref: newRef("sudoku") };
   // a local problem is shown at once; the server checks the rest (and names it) anyway
   if (error) {
+    resetSudokuView();
     showError($("sudoku-error"), `puzzle: ${error}`);
     setStatus($("sudoku-status"), "error", "Failed: see the message below.");
     return;
@@ -713,9 +807,12 @@ async function startSudoku(e) {
   body.puzzle = puzzle;
   const attempts = $("attempts").value.trim();
   if (attempts !== "") body.attempts = Number(attempts);
+  // a seed always goes (drawn here when the field is empty): attempt i is then seed + i, numbered as the
+  // server numbers it, and the run can be repeated from the seed shown
   const seed = $("sudoku-seed").value.trim();
-  if (seed !== "") body.seed = Number(seed);
+  body.seed = seed !== "" ? seed : randomSeed();
 
+  stopReplay("sudoku");
   if (app.sudoku) app.runsByRef.delete(app.sudoku.ref);
   const run = new SudokuRun({ ...body, attempts: body.attempts ?? 8 });
   app.sudoku = run;
@@ -729,6 +826,7 @@ async function startSudoku(e) {
 }
 
 function resetSudokuView() {
+  stopReplay("sudoku");
   if (app.sudoku) app.runsByRef.delete(app.sudoku.ref);
   app.sudoku = null;
   $("sudoku-attempts").replaceChildren();
@@ -739,6 +837,7 @@ function resetSudokuView() {
   $("sudoku-timeline").max = "0";
   $("sudoku-timeline-label").textContent = "no steps yet";
   $("sudoku-live").disabled = true;
+  $("sudoku-replay").disabled = true;
   showError($("sudoku-error"), "");
   setStatus($("sudoku-status"), "idle", "Ready.");
 }
@@ -850,15 +949,17 @@ function renderSudoku() {
   slider.value = String(Math.max(0, run.index));
   slider.disabled = n === 0;
   $("sudoku-live").disabled = run.follow || n === 0;
+  $("sudoku-replay").disabled = !run.ended || n < 2;
   const entry = hist[run.index];
   if (entry) {
     const prev = run.index > 0 ? hist[run.index - 1].grid : null;
-    drawSudoku($("sudoku-grid"), run.puzzle, entry.grid, { prev, mask: entry.mask });
+    const final = shown.state === "done" && run.index === n - 1;  // the answer: no cell is a draft any more
+    drawSudoku($("sudoku-grid"), run.puzzle, entry.grid, { prev, mask: final ? null : entry.mask });
     const label = attemptLabel(run, shown);
     $("sudoku-caption").textContent = `Attempt ${shown.n} of ${run.wanted}${run.focus ? "" : run.outcome ? " (chosen)" : " (leading)"}`
       + ` · step ${entry.step}`;
     $("sudoku-timeline-label").textContent = `step ${entry.step} · ${run.index + 1} / ${n}`
-      + `${shown.state === "running" ? " (live)" : ""}`;
+      + `${shown.state === "running" ? " (live)" : run.replaying ? " (replay)" : ""}`;
     $("sudoku-grid").setAttribute("aria-label", `${label.long}. Grid at step ${entry.step}: ${entry.grid}`);
   } else {
     drawSudoku($("sudoku-grid"), run.puzzle, run.puzzle.replace(/0/g, "."), {});
@@ -942,16 +1043,18 @@ function setupSudoku() {
   $("sudoku-timeline").addEventListener("input", (e) => {
     const run = app.sudoku;
     if (!run) return;
+    endReplay("sudoku", run);
     const hist = run.shown()?.history || [];
     run.index = Number(e.target.value);
     run.follow = run.index === hist.length - 1;
     if (!run.focus && run.shown()) run.focus = run.shown().rid;  // scrubbing pins the attempt shown
     schedule("sudoku");
   });
-  $("sudoku-live").addEventListener("click", () => {
-    if (!app.sudoku) return;
-    app.sudoku.follow = true;
-    schedule("sudoku");
+  setupTimelineButtons("sudoku", (run) => {
+    const shown = run.shown();
+    if (!shown) return null;
+    if (!run.focus) run.focus = shown.rid;  // replay the attempt shown, whatever the leader
+    return () => shown.history.length;
   });
   previewPuzzle();
 }
