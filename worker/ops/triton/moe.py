@@ -99,9 +99,10 @@ def _route_kernel(x_ptr, w_ptr, scale_ptr, weights_ptr, ids_ptr, N, H, E,
         w_ptrs += BLOCK_H
     if ROUND_BF16:
         logits = _round_bf16(logits)  # the spec's F.linear returns x's dtype
-    logits = tl.where(experts[None, :] < E, logits, float("-inf"))
+    logits = tl.where(experts[None, :] < E, logits, float("-inf"))  # the max ignores the padding columns
     # softmax numerators only: the renormalisation over the top k cancels the softmax's denominator
     p = tl.exp(logits - tl.max(logits, 1)[:, None])  # (BLOCK_T, BLOCK_E)
+    p = tl.where(experts[None, :] < E, p, -1.0)  # padding columns below any probability, even one that underflowed
     slots = tl.arange(0, K_PAD)
     top_p = tl.zeros((BLOCK_T, K_PAD), tl.float32)
     top_id = tl.zeros((BLOCK_T, K_PAD), tl.int32)
@@ -189,7 +190,7 @@ def _align_place_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_p
         hit = (e[:, None] == experts[None, :]).to(tl.int32)  # (TILE, BLOCK_E)
         earlier = tl.cumsum(hit, 0) - hit  # same-expert pairs ahead of each pair in the tile
         dest = tl.sum(hit * (earlier + free[None, :]), 1)
-        tl.store(sorted_ptr + dest, offs, mask=offs < pairs)
+        tl.store(sorted_ptr + dest, offs, mask=(offs < pairs) & (tl.sum(hit, 1) > 0))  # no expert: no row
         free += tl.sum(hit, 0)
 
     # the program's share of blocks: their expert (-1 past the total) and the sentinel in their padding rows
