@@ -2,7 +2,9 @@
 
 On a CPU the kernel runs under TRITON_INTERPRET=1 (set here before triton is imported). On a GPU,
 `TRITON_INTERPRET=0 pytest tests/test_triton_attention.py` runs the same comparisons on the device, plus the
-real-scale shapes (skipped under the interpreter).
+real-scale shapes (skipped under the interpreter). Without a GPU, the kernel is also compiled for sm90 as it is
+launched for the served layers (`python -m tests.test_triton_attention`, run by a test), and the compiled
+kernels' shared memory, registers and wgmma use are checked.
 
 Pools are filled with NaN everywhere but the keys each row may read, so a kernel that lets a key past kv_len, a
 key of another slot, or (causal) a whole tile outside the allowed range reach the output fails with NaN.
@@ -18,7 +20,13 @@ And against float64 on the same (rounded) inputs: no less accurate than the spec
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -33,9 +41,9 @@ from worker.ops.triton import attention as kernel  # noqa: E402
 from worker.ops.triton_kernels import triton_function  # noqa: E402
 
 INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET=0 needs a GPU", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
+needs_a_device = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                    reason="TRITON_INTERPRET=0 needs a GPU")
 spec = PLAIN["attention"]
 
 
@@ -72,17 +80,15 @@ def make(B: int, L: int, Hq: int, Hkv: int, D: int, kv_len: list[int], q_start: 
     clean = [p.masked_fill(~keep[:, None, :, None], 0.0) for p in pools]
     q = torch.randn((B, L, Hq, D), generator=g).to(dtype)
     args = dict(slots=slots, kv_len=n, q_start=start, causal=causal, window=window, scale=D ** -0.5)
-    to = lambda x: x.to(DEVICE)  # noqa: E731
+    ours = dict(args, q=q, k_pool=poisoned[0], v_pool=poisoned[1])
     return {
-        "kernel": dict(q=to(q), k_pool=to(poisoned[0]), v_pool=to(poisoned[1]), **{k: to(v) if torch.is_tensor(v)
-                                                                                   else v for k, v in args.items()}),
-        "spec": dict(q=to(q), k_pool=to(clean[0]), v_pool=to(clean[1]), **{k: to(v) if torch.is_tensor(v) else v
-                                                                            for k, v in args.items()}),
+        "kernel": {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in ours.items()},
+        "spec": dict(args, q=q, k_pool=clean[0], v_pool=clean[1]),  # on the CPU, as the spec is everywhere else
     }
 
 
 def check(inputs: dict) -> torch.Tensor:
-    ours = kernel.attention(**inputs["kernel"])
+    ours = kernel.attention(**inputs["kernel"]).cpu()
     ref = spec(**inputs["spec"])
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     assert torch.isfinite(ours).all(), "a key the row may not read reached the output"
@@ -115,18 +121,21 @@ CASES = {
 }
 
 
+@needs_a_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_matches_the_spec(case, dtype):
     check(make(*CASES[case], dtype=dtype))
 
 
+@needs_a_device
 @pytest.mark.parametrize("q_dtype,pool_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_pool_in_another_dtype_is_read_as_the_spec_converts_it(q_dtype, pool_dtype):
     """The spec converts K/V to q's dtype (bf16 -> f32 exactly; f32 -> bf16 rounded to nearest)."""
     check(make(2, 7, 4, 2, 64, [66, 7], [59, 0], True, 16, q_dtype, pool_dtype))
 
 
+@needs_a_device
 def test_rows_with_no_key_to_see_get_zeros():
     """Padding rows (kv_len 0), and causal queries whose window holds no key below kv_len: zeros, as the spec."""
     padding = make(2, 4, 4, 2, 16, [0, 20], [0, 0], False, 0, torch.float32)
@@ -137,6 +146,7 @@ def test_rows_with_no_key_to_see_get_zeros():
     assert (check(empty) == 0).all()
 
 
+@needs_a_device
 def test_a_rows_result_does_not_depend_on_its_neighbours():
     batch = make(3, 8, 8, 2, 256, [50, 17, 90], [0, 0, 0], False, 0, torch.bfloat16)["kernel"]
     alone = dict(batch, q=batch["q"][1:2], slots=batch["slots"][1:2], kv_len=batch["kv_len"][1:2],
@@ -149,6 +159,7 @@ def test_the_op_registers_this_function_with_the_specs_signature():
     assert inspect.signature(kernel.attention) == inspect.signature(spec)
 
 
+@needs_a_device
 @pytest.mark.skipif(INTERPRET, reason="real-scale shapes: GPU only (TRITON_INTERPRET=0)")
 @pytest.mark.parametrize("layer", ["sliding", "global"])
 @pytest.mark.parametrize("causal", [False, True], ids=["decoder", "encoder"])
@@ -158,3 +169,76 @@ def test_real_scale_shapes_on_the_gpu(layer, causal):
     kv_len = [1279, 300, 1024 + 256, 256]
     q_start = [n - 256 for n in kv_len] if causal else [0] * 4
     check(make(4, 256, 16, Hkv, D, kv_len, q_start, causal, window, torch.bfloat16))
+
+
+# the served layers as the engine launches them (26B-A4B, bf16): name -> (KV heads, head dim, causal, window)
+SM90_LAYERS = {
+    "sliding decoder": (8, 256, False, 0),
+    "sliding encoder": (8, 256, True, 1023),
+    "global decoder": (2, 512, False, 0),
+    "global encoder": (2, 512, True, 0),
+}
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm90 (227 KB of an H100/H200 SM's 228)
+SM90_STACK_LIMIT = 64  # bytes of local stack a thread: a few spilled registers, outside the K loop
+
+
+def compile_for_sm90() -> dict[str, dict]:
+    """Compile the kernel for sm90 exactly as `attention` launches it for each served layer; nothing runs.
+    Needs TRITON_INTERPRET=0 (set before triton is imported), not a GPU: the JIT gets a driver that only names
+    the target."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class Sm90Target:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(Sm90Target())
+    report = {}
+    for name, (kv_heads, D, causal, window) in SM90_LAYERS.items():
+        q = torch.empty((2, 256, 16, D), dtype=torch.bfloat16)
+        pool = torch.empty((3, kv_heads, 1280, D), dtype=torch.bfloat16)
+        rows = torch.zeros(2, dtype=torch.long)
+        grid, args, kwargs = kernel.launch(q, pool, pool, rows, rows, rows, causal, window, 1.0, torch.empty_like(q))
+        compiled = kernel._attention_kernel.warmup(*args, grid=grid, **kwargs)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
+                                   capture_output=True, text=True, check=True).stdout
+        report[name] = {
+            "shared": compiled.metadata.shared,
+            "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+            "wgmma": "ttng.warp_group_dot" in compiled.asm["ttgir"],
+        }
+    return report
+
+
+def test_kernels_compile_for_sm90_within_shared_memory_and_registers():
+    """The interpreter accepts what the compiler may reject (tile sizes, layouts) or compiles badly (spills):
+    compile each served layer's kernel for an H100/H200 and read what the compiled kernel uses."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-m", "tests.test_triton_attention"], env=env, capture_output=True,
+                         text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(report) == set(SM90_LAYERS)
+    for name, k in report.items():
+        assert k["shared"] <= SM90_SHARED_LIMIT, (name, k)
+        assert k["stack"] <= SM90_STACK_LIMIT, (name, k)
+        assert k["wgmma"], (name, k)
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_for_sm90()))

@@ -42,18 +42,21 @@ def _operand(x, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def _attend(acc, l_i, m_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, lo, hi, qpos, n_keys, window, qk_scale,
-            offs_d, d_ok,
+            offs_d, d_ok, offs_dv, dv_ok,
             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """Online softmax over key tiles [lo, hi) (BLOCK_N apart): acc (BLOCK_M, D_PAD), l_i and m_i (BLOCK_M,) f32."""
+    """Online softmax over key tiles [lo, hi) (BLOCK_N apart): acc (BLOCK_M, D_OUT), l_i and m_i (BLOCK_M,) f32.
+    Keys are read at offs_d (all of D), values at offs_dv (this program's part of D)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         t = start + offs_n  # (BLOCK_N,) key indices
         if MASKED:
-            kv_ok = (t < n_keys)[:, None] & d_ok[None, :]
+            k_ok = (t < n_keys)[:, None] & d_ok[None, :]
+            v_ok = (t < n_keys)[:, None] & dv_ok[None, :]
         else:
-            kv_ok = d_ok[None, :]
-        k = tl.load(k_base + t[:, None] * sk_t + offs_d[None, :] * sk_d, mask=kv_ok, other=0.0)
+            k_ok = d_ok[None, :]
+            v_ok = dv_ok[None, :]
+        k = tl.load(k_base + t[:, None] * sk_t + offs_d[None, :] * sk_d, mask=k_ok, other=0.0)
         s = tl.dot(q, tl.trans(_operand(k, DOT_DTYPE, ROUND_BF16)), input_precision=PRECISION) * qk_scale
         if MASKED:  # (BLOCK_M, BLOCK_N)
             ok = (t < n_keys)[None, :]
@@ -70,7 +73,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, lo, hi, qp
         alpha = tl.exp2(m_i - shift)
         p = tl.exp2(s - shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + t[:, None] * sv_t + offs_d[None, :] * sv_d, mask=kv_ok, other=0.0)
+        v = tl.load(v_base + t[:, None] * sv_t + offs_dv[None, :] * sv_d, mask=v_ok, other=0.0)
         acc = acc * alpha[:, None]
         acc = tl.dot(_operand(p, DOT_DTYPE, ROUND_BF16), _operand(v, DOT_DTYPE, ROUND_BF16), acc,
                      input_precision=PRECISION)
@@ -84,11 +87,12 @@ def _attention_kernel(
     L, window, qk_scale,
     sq_b, sq_l, sq_h, sq_d, sk_s, sk_h, sk_t, sk_d, sv_s, sv_h, sv_t, sv_d, so_b, so_l, so_h, so_d,
     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1) // D_SPLIT
+    part = tl.program_id(1) % D_SPLIT  # which D / D_SPLIT columns of the output this program writes
     b = tl.program_id(2).to(tl.int64)
     slot = tl.load(slots_ptr + b).to(tl.int64)
     n_keys = tl.load(kv_len_ptr + b).to(tl.int32)
@@ -100,13 +104,15 @@ def _attention_kernel(
     row_ok = j < L
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
+    offs_dv = part * (D_PAD // D_SPLIT) + tl.arange(0, D_PAD // D_SPLIT)
+    dv_ok = offs_dv < D
     q_rows = b * sq_b + j * sq_l + head * sq_h
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :] * sq_d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q = _operand(q, DOT_DTYPE, ROUND_BF16)  # (BLOCK_M, D_PAD)
     k_base = k_ptr + slot * sk_s + kvh * sk_h
     v_base = v_ptr + slot * sv_s + kvh * sv_h
 
-    acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD // D_SPLIT), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     if CAUSAL:
@@ -119,23 +125,23 @@ def _attention_kernel(
         else:
             lo = 0
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, lo, hi, qpos, n_keys,
-                                window, qk_scale, offs_d, d_ok, BLOCK_N, True, True, HAS_WINDOW,
+                                window, qk_scale, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, True, True, HAS_WINDOW,
                                 DOT_DTYPE, PRECISION, ROUND_BF16)
     else:
         full = n_keys // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, 0, full, j, n_keys,
-                                window, qk_scale, offs_d, d_ok, BLOCK_N, False, False, False,
+                                window, qk_scale, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, False, False, False,
                                 DOT_DTYPE, PRECISION, ROUND_BF16)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, full, n_keys, j, n_keys,
-                                window, qk_scale, offs_d, d_ok, BLOCK_N, True, False, False,
+                                window, qk_scale, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, True, False, False,
                                 DOT_DTYPE, PRECISION, ROUND_BF16)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key seen: acc is 0, and so is the output
     if ROUND_BF16:
         out = _round_bf16(out)  # exact in bf16 now: the store's (truncating) conversion cannot change it
     o_rows = b * so_b + j * so_l + head * so_h
-    tl.store(o_ptr + o_rows[:, None] + offs_d[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptr + o_rows[:, None] + offs_dv[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok[None, :])
 
 
 @dataclass(frozen=True)
@@ -144,63 +150,76 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
+    d_split: int = 1  # programs sharing one tile's output columns (each computes Q K^T in full)
 
 
 def config(d_pad: int, itemsize: int) -> Config:
-    """Tiles per head-dim class, fixed (no autotuning at start-up) and independent of the batch size, so that a
-    row's result does not depend on how many rows share the launch. Shared memory per program is about
-    Q (BLOCK_M x D) + num_stages x (K + V tiles of BLOCK_N x D); H200: 228 KB per SM, one program per SM here.
+    """Tiles per head-dim class: fixed (no autotuning at start-up) and independent of the batch size, so that a
+    row's result does not depend on how many rows share the launch. Shared memory per program: Q (BLOCK_M x D)
+    + num_stages x (K tile BLOCK_N x D + V tile BLOCK_N x D / D_SPLIT); an H200 SM has 228 KB (227 KB a block).
+    Each choice below compiled for sm90 (tests/test_triton_attention.py::test_kernels_compile_for_sm90) to wgmma
+    (Triton gives each 4-warp group 64 tile rows), within shared memory and without register spills.
 
-    16-bit (the served dtype; wgmma needs 64-row tiles per warpgroup):
+    16-bit (the served dtypes):
       D <= 128: 64 x 64, 4 warps, 2 stages: 16 + 2 x 32 = 80 KB.
       D = 256 (sliding layers): 128 x 64, 8 warps, 2 stages: 64 + 2 x 64 = 192 KB; the (128, 256) f32
-        accumulator is 128 registers a thread over 256 threads. 128 query rows a program read K/V from L2 half
-        as often as 64 (at 32 rows: 1024 programs, not 2048); at 1 row that leaves 32 programs for 132 SMs (an
-        estimated 35 us a sliding layer, against the step's ~10 ms weight-read floor).
-      D = 512 (global layers): 64 x 32, 8 warps, 2 stages: 64 + 2 x 64 = 192 KB; the (64, 512) f32 accumulator
-        is again 128 registers a thread. Splitting D in P @ V instead would keep the same accumulator in
-        registers (or, split across programs, recompute Q K^T per part), and BLOCK_N 64 with 2 stages would need
-        320 KB: the smaller key tile is the cheap cut (the K loop gets twice as long, not wider).
-    32-bit (exact-mode checks; an IEEE fp32 dot runs on CUDA cores, not tensor cores): smaller tiles.
+        accumulator is 128 registers a thread. Two warpgroups of 64 rows each take Q K^T as 64 x 64 wgmma (with
+        64 rows and 8 warps Triton splits N instead: 64 x 32 pieces), and K/V are read from L2 half as often.
+      D = 512 (global layers): D_SPLIT 2: two programs per tile, each computing Q K^T in full (1.5x the FLOPs)
+        and P @ V for 256 of the 512 output columns; 128 x 32, 8 warps, 2 stages: 128 + 2 x (32 + 16) = 224 KB.
+        Unsplit, the (64, 512) f32 accumulator alone is 128 registers a thread at 8 warps; compiled, that
+        spilled ~440 bytes a thread inside the K loop and split Q K^T into 64 x 16 wgmma pieces. A (128, 256)
+        accumulator per program has the D = 256 register budget and 64 x 32 wgmma for Q K^T. BLOCK_N 64
+        does not fit two stages (288 KB).
+    32-bit (exact-mode checks; an IEEE fp32 dot runs on CUDA cores, not tensor cores, with its operands in
+      registers): 32 x 16, 8 warps, 2 stages, D split in two from 256: the larger tiles spilled.
     """
     if d_pad > 512:
         raise ValueError(f"attention supports head dims up to 512, not {d_pad}")
     if itemsize >= 4:
-        return Config(32, 32 if d_pad <= 256 else 16, 4, 2)
+        return Config(32, 16, 8, 2, 2 if d_pad >= 256 else 1)
     if d_pad <= 128:
         return Config(64, 64, 4, 2)
     if d_pad == 256:
         return Config(128, 64, 8, 2)
-    return Config(64, 32, 8, 2)
+    return Config(128, 32, 8, 2, 2)
 
 
-def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
-              kv_len: torch.Tensor, q_start: torch.Tensor, causal: bool, window: int, scale: float) -> torch.Tensor:
-    """q (B, L, Hq, D); pools (S, Hkv, capacity, D); slots, kv_len, q_start (B,) int64 -> (B, L, Hq, D)."""
+def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor, kv_len: torch.Tensor,
+           q_start: torch.Tensor, causal: bool, window: int, scale: float,
+           out: torch.Tensor) -> tuple[tuple[int, int, int], tuple, dict]:
+    """The kernel's grid, arguments and keyword arguments for one call (shapes only: no host sync)."""
     B, L, Hq, D = q.shape
     Hkv = k_pool.shape[1]
     if Hq % Hkv or k_pool.shape[3] != D or v_pool.shape[1] != Hkv or v_pool.shape[3] != D:
         raise ValueError(f"attention: q {tuple(q.shape)} does not fit pools {tuple(k_pool.shape)}, "
                          f"{tuple(v_pool.shape)}")
-    out = torch.empty_like(q)
-    if out.numel() == 0:
-        return out
     group = Hq // Hkv
     rows = L * group  # tile rows per (row, KV head)
     d_pad = max(16, triton.next_power_of_2(D))
     cfg = config(d_pad, q.element_size())
-    interpret = triton.knobs.runtime.interpret
+    interpret = bool(triton.knobs.runtime.interpret)
     fp32 = q.dtype == torch.float32
     dot_dtype = tl.float32 if (fp32 or interpret) else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
-    grid = (triton.cdiv(rows, cfg.block_m), Hkv, B)  # query tiles fastest: the tiles of one K/V share L2
-    _attention_kernel[grid](
-        q, k_pool, v_pool, out, slots, kv_len, q_start,
-        L, int(window), float(scale) * LOG2E,
-        *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride(),
+    grid = (triton.cdiv(rows, cfg.block_m), Hkv * cfg.d_split, B)  # query tiles fastest: the tiles of one K/V share L2
+    args = (q, k_pool, v_pool, out, slots, kv_len, q_start, L, int(window), float(scale) * LOG2E,
+            *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride())
+    kwargs = dict(
         D=D, D_PAD=d_pad, GROUP=group, CAUSAL=bool(causal), HAS_WINDOW=bool(causal) and window > 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_SPLIT=cfg.d_split,
         DOT_DTYPE=dot_dtype, PRECISION="ieee" if dot_dtype == tl.float32 else "tf32",
         ROUND_BF16=interpret and q.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return grid, args, kwargs
+
+
+def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor,
+              kv_len: torch.Tensor, q_start: torch.Tensor, causal: bool, window: int, scale: float) -> torch.Tensor:
+    """q (B, L, Hq, D); pools (S, Hkv, capacity, D); slots, kv_len, q_start (B,) int64 -> (B, L, Hq, D)."""
+    out = torch.empty_like(q)
+    if out.numel() == 0:
+        return out
+    grid, args, kwargs = launch(q, k_pool, v_pool, slots, kv_len, q_start, causal, window, scale, out)
+    _attention_kernel[grid](*args, **kwargs)
     return out
