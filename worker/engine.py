@@ -25,6 +25,7 @@ from worker import sampler
 from worker.model_runner import ModelRunner
 from worker.quantize import is_quantized
 from worker.scheduler import Decisions, Row, Scheduler
+from worker.transfer import to_device, to_host
 from worker.types import DoneEvent, EngineEvent, EngineRequest, ErrorEvent
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ class Engine:
 
     def _denoise(self, rows: list[Row]) -> list[EngineEvent]:
         n, L = len(rows), self.canvas_length
-        dev, f32 = self.device, dict(dtype=torch.float32, device=self.device)
+        dev = self.device
         canvas = torch.stack([r.canvas for r in rows])  # (B, L)
         zeros = torch.zeros((L, self.text_config.hidden_size), dtype=self.dtype, device=dev)
         soft = torch.stack([r.soft if r.soft is not None else zeros for r in rows])  # (B, L, H)
@@ -214,34 +215,22 @@ class Engine:
         if timer:
             timer.lap("decoder_ms")
         params = [r.req.params for r in rows]
-        temp = sampler.temperature(torch.tensor([r.step_in_canvas for r in rows], device=dev),
-                                   torch.tensor([p.max_denoising_steps for p in params], device=dev),
-                                   torch.tensor([p.t_min for p in params], **f32),
-                                   torch.tensor([p.t_max for p in params], **f32))
+        # per-row parameters in two non-blocking copies (floats, ints): no host sync before the sampler
+        floats = to_device([[p.t_min for p in params], [p.t_max for p in params], [p.entropy_bound for p in params],
+                            [p.confidence_threshold for p in params]], torch.float32, dev)
+        ints = to_device([[r.step_in_canvas for r in rows], [p.max_denoising_steps for p in params],
+                          [r.run for r in rows], [p.stability_threshold for p in params]], torch.long, dev)
+        temp = sampler.temperature(ints[0], ints[1], floats[0], floats[1])
         generators = [r.generator for r in rows]
         sampled, draft, entropy, next_soft = self.runner.sample(hidden, temp, generators)
         if timer:
             timer.lap("sampler_ms")
         fixed, fixed_ids = self.scheduler.template(rows)
-        d = sampler.decide(
-            sampled, draft, entropy, canvas, torch.stack([r.prev_draft for r in rows]),
-            torch.tensor([r.run for r in rows], device=dev), fixed, fixed_ids,
-            torch.tensor([p.entropy_bound for p in params], **f32),
-            torch.tensor([p.stability_threshold for p in params], device=dev),
-            torch.tensor([p.confidence_threshold for p in params], **f32), self.vocab_size, generators)
+        d = sampler.decide(sampled, draft, entropy, canvas, torch.stack([r.prev_draft for r in rows]), ints[2], fixed,
+                           fixed_ids, floats[2], ints[3], floats[3], self.vocab_size, generators)
         host = Decisions(*to_host(d["draft"], d["accepted"], d["entropy"], d["mean_entropy"], d["run"], d["stop"]))
         if timer and self.profile is not None:
             timer.lap("accept_ms")
             self.profile.append({**timer.laps, "rows": n})
         return self.scheduler.update(rows, d["canvas"], d["draft"], next_soft, host)
 
-
-def to_host(*tensors: torch.Tensor) -> list[list]:
-    """Device tensors as Python lists, with one wait: non-blocking copies into pinned buffers, then one sync."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return [t.tolist() for t in tensors]
-    pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for dst, src in zip(pinned, tensors, strict=True):
-        dst.copy_(src, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return [t.tolist() for t in pinned]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from worker.transfer import to_device
+
 
 class KVPool:
     def __init__(self, text_config, rows: int, max_context: int, canvas_length: int, device, dtype: torch.dtype):
@@ -83,9 +85,10 @@ class KVPool:
         """Sliding layers: row `slots[i]` keeps positions shift[i] .. shift[i] + window - 2, moved to the front."""
         device = self.keys[0].device
         cap = self.window - 1
-        index = (torch.tensor(shift, device=device)[:, None] + torch.arange(cap, device=device)[None, :])
+        staged = to_device([shift, slots], torch.long, device)
+        index = staged[0][:, None] + torch.arange(cap, device=device)[None, :]
         index = index.clamp(max=self.capacity("sliding_attention") - 1)  # (n, cap): rows past what is held: unused
-        slot_index = torch.tensor(slots, device=device)
+        slot_index = staged[1]
         for store in (self.keys, self.values):
             for i, kind in enumerate(self.layer_types):
                 if kind != "sliding_attention":

@@ -30,6 +30,7 @@ from worker import graphs, sampler
 from worker.kvcache import KVPool
 from worker.ops.registry import PLAIN
 from worker.quantize import is_quantized
+from worker.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -227,16 +228,18 @@ class ModelRunner:
     # ---------------------------------------------------------------- passes
     def _fill(self, block: Block, n: int, slots: list[int], pad_slots: int | list[int]) -> None:
         """Row offsets of `slots` (what each holds) into the first n rows of `block`; padding rows after them
-        point at `pad_slots` with nothing held."""
+        point at `pad_slots` with nothing held. One non-blocking copy from pinned memory: no host sync."""
         L, rows = self.canvas_length, block.rows
         pads = [pad_slots] * (rows - n) if isinstance(pad_slots, int) else list(pad_slots)
-        totals = torch.tensor([self.pool.total[s] for s in slots] + [0] * (rows - n), dtype=torch.long)
-        block.slots.copy_(torch.tensor(slots + pads, dtype=torch.long), non_blocking=True)
-        block.positions.copy_(totals[:, None] + torch.arange(L)[None, :], non_blocking=True)
-        for kind in self.pool.kinds:
-            start = torch.tensor([self.pool.held(s, kind) for s in slots] + [0] * (rows - n), dtype=torch.long)
-            block.start[kind].copy_(start, non_blocking=True)
-            block.kv_len[kind].copy_(start + L, non_blocking=True)
+        none = [0] * (rows - n)
+        per_row = [slots + pads, [self.pool.total[s] for s in slots] + none]
+        per_row += [[self.pool.held(s, kind) for s in slots] + none for kind in self.pool.kinds]
+        staged = to_device(per_row, torch.long, self.device)  # (2 + kinds, rows)
+        block.slots.copy_(staged[0])
+        block.positions.copy_(staged[1][:, None] + torch.arange(L, device=self.device)[None, :])
+        for i, kind in enumerate(self.pool.kinds):
+            block.start[kind].copy_(staged[2 + i])
+            block.kv_len[kind].copy_(staged[2 + i] + L)
 
     def encode(self, slots: list[int], ids: list[list[int]], what: str) -> None:
         """Encode `ids[i]` after what slot `slots[i]` holds, in chunks of L tokens (one pass per chunk round)."""
@@ -251,16 +254,14 @@ class ModelRunner:
 
     def _encode_block(self, slots: list[int], ids: list[list[int]], what: str) -> None:
         n, L = len(slots), self.canvas_length
-        padded = torch.full((n, L), self.pad_id, dtype=torch.long)
-        for i, x in enumerate(ids):
-            padded[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        padded = to_device([x + [self.pad_id] * (L - len(x)) for x in ids], torch.long, self.device)
         if self.encode_buckets:
             block = self.encode_buckets[min(b for b in self.encode_buckets if b >= n)]
             path = "graph" if block.graph is not None else "static"
         else:
             block = Block.empty(n, L, self.pool.kinds, self.device)
             path = "eager"
-        block.ids[:n].copy_(padded, non_blocking=True)
+        block.ids[:n].copy_(padded)
         block.ids[n:] = self.pad_id
         self._fill(block, n, slots, self.pool.spare_slot)
         self._run(block, self.encoder_forward)
