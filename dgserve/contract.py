@@ -1,7 +1,8 @@
 """The Redis contract between the gateway and the workers.
 
 This module alone spells key names, payload models and their encoding; both sides import it.
-Every key written here has an expiry (streams of requests are trimmed instead, see `REQUEST_STREAM_MAXLEN`).
+Every key written here has an expiry. Streams of requests are kept small instead: a job's entry is deleted when
+it is acknowledged, and entries older than `REQUEST_STREAM_MAX_AGE_S` are trimmed (XADD MINID, by Redis's clock).
 
     dg:requests:{model}      stream  jobs for a model; consumer group `workers`
     dg:events:{request_id}   stream  events of one request (queued/restarted/step/canvas/done/error)
@@ -25,6 +26,8 @@ PREFIX = "dg"
 GROUP = "workers"
 EVENT_FIELD = "e"
 JOB_FIELD = "job"
+CANCEL_FIELD = "request_id"  # of a dg:cancels entry
+HANDED_BACK = "handed-back"  # the consumer a draining worker gives its jobs back to, for others to reclaim at once
 
 EVENTS_TTL_S = 3600  # a client may reconnect and replay for an hour
 REQUEST_TTL_S = 24 * 3600
@@ -32,7 +35,7 @@ IDEMPOTENCY_TTL_S = EVENTS_TTL_S  # a key never outlives the events that answer 
 HEARTBEAT_TTL_S = 15
 CANCEL_STREAM_MAXLEN = 10_000
 DEADLETTER_MAXLEN = 10_000
-REQUEST_STREAM_MAXLEN = 100_000
+REQUEST_STREAM_MAX_AGE_S = REQUEST_TTL_S  # past any request's queue time and running deadline
 
 
 def request_stream(model: str) -> str:
@@ -113,6 +116,9 @@ class Job(_Model):
     stop: list[str] = []  # stop strings, applied when a canvas commits
     created_at: float = Field(default_factory=time.time)
     deadline: float | None = None  # epoch seconds; a job still queued past it ends with a timeout
+    # the running deadline (per attempt): a job past either ends with a `deadline_exceeded` error
+    max_steps: int | None = None  # denoising steps, over all its canvases
+    max_running_s: float | None = None  # seconds since a worker took it
 
 
 # ------------------------------------------------------------------ events
@@ -183,6 +189,13 @@ class Error(_Model):
 Event = Annotated[Queued | Restarted | Step | Canvas | Done | Error, Field(discriminator="type")]
 _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
 FINAL_TYPES = frozenset({"done", "error"})
+
+
+def final_status(event: Done | Error) -> str:
+    """The request status a final event leaves (the request hash's `status`)."""
+    if event.type == "done":
+        return "done"
+    return "cancelled" if event.code == "cancelled" else "error"
 
 
 class RawEvent:
@@ -279,7 +292,7 @@ end
 # (no XINFO `lag` there). Safe to retry: a request already recorded is not queued twice. With an idempotency
 # key (KEYS[4]), a key already taken returns its record instead, and an accepted request takes the key.
 # KEYS: request stream, request hash, events stream, [idempotency key]
-# ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream maxlen,
+# ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream max age s,
 #       tenant, idempotency record, idempotency ttl
 # Returns {1, waiting} accepted, {0, waiting} refused, {2, record} the idempotency key's earlier request.
 SUBMIT_LUA = _LAST_DELIVERED + """
@@ -296,7 +309,9 @@ redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[6], 'attempts', 0,
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
 redis.call('XADD', KEYS[3], '*', 'e', ARGV[4])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[9], '*', 'job', ARGV[3])
+local now = redis.call('TIME')
+local min_id = string.format('%d-0', (tonumber(now[1]) - tonumber(ARGV[9])) * 1000)
+redis.call('XADD', KEYS[1], 'MINID', '~', min_id, '*', 'job', ARGV[3])
 if KEYS[4] then redis.call('SET', KEYS[4], ARGV[11], 'EX', tonumber(ARGV[12])) end
 return {1, waiting}
 """
@@ -308,7 +323,8 @@ return #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[2
 """
 
 # A worker writes a request's events only while it still owns the job (a reclaimed job's old owner must
-# never interleave its steps with the new owner's). Final events also set the status and acknowledge.
+# never interleave its steps with the new owner's). Final events also set the status, acknowledge the job and
+# delete its entry (a request stream holds only waiting and running jobs).
 # KEYS: request stream, then per request: its events stream, its request hash
 # ARGV: group, consumer, events ttl, n, then per request: entry id, final status or '', count, events...
 # Returns the entry ids this worker no longer owns.
@@ -326,6 +342,7 @@ for i = 1, n do
     if final ~= '' then
       redis.call('HSET', hash, 'status', final)
       redis.call('XACK', stream, group, entry)
+      redis.call('XDEL', stream, entry)
     end
   else
     table.insert(lost, entry)
@@ -347,6 +364,31 @@ for i = 3, #ARGV do
   end
 end
 return lost
+"""
+
+# Reclaim jobs whose worker went silent (idle past the lease), except those this process runs itself: a
+# worker that froze past its lease and woke up keeps what it runs, never takes it over a second time.
+# Entries trimmed away while pending cannot be run: they are acknowledged.
+# KEYS: request stream. ARGV: group, consumer, min idle ms, count, entry ids held here...
+# Returns the claimed entries, as XCLAIM gives them.
+RECLAIM_LUA = """
+local held = {}
+for i = 5, #ARGV do held[ARGV[i]] = true end
+local want = tonumber(ARGV[4])
+local out = {}
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', want + #ARGV - 4)
+for _, p in ipairs(pending) do
+  if #out >= want then break end
+  if not held[p[1]] then
+    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1])
+    if claimed[1] then
+      table.insert(out, claimed[1])
+    else
+      redis.call('XACK', KEYS[1], ARGV[1], p[1])
+    end
+  end
+end
+return out
 """
 
 # A worker takes a job: skip it if it already ended, end it if it was cancelled while queued, else mark it

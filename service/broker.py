@@ -77,7 +77,7 @@ class Broker:
             record = contract.encode(contract.IdempotencyRecord(request_id=rid, fingerprint=idempotency[1]))
         verdict, detail = await self._submit(keys=keys, args=[
             contract.GROUP, max_depth, contract.encode(job), contract.encode(queued), job.created_at, job.model,
-            contract.REQUEST_TTL_S, contract.EVENTS_TTL_S, contract.REQUEST_STREAM_MAXLEN, tenant, record,
+            contract.REQUEST_TTL_S, contract.EVENTS_TTL_S, contract.REQUEST_STREAM_MAX_AGE_S, tenant, record,
             contract.IDEMPOTENCY_TTL_S])
         if verdict == 0:
             raise Overloaded(int(detail), max_depth)
@@ -128,7 +128,7 @@ class Broker:
     async def cancel(self, request_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(contract.request_key(request_id), "status_requested", "cancel")
-        pipe.xadd(contract.CANCELS, {"request_id": request_id}, maxlen=contract.CANCEL_STREAM_MAXLEN,
+        pipe.xadd(contract.CANCELS, {contract.CANCEL_FIELD: request_id}, maxlen=contract.CANCEL_STREAM_MAXLEN,
                   approximate=True)
         await pipe.execute()
 

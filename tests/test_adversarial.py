@@ -238,3 +238,189 @@ def test_after_a_redis_restart_every_request_succeeds(attack: Attack):
     codes += [attack.post("/generate", json={"prompt": f"one by one {i}", **small}).status_code for i in range(6)]
     print(f"\nafter the restart: {Counter(codes)}")
     assert set(codes) == {200}, Counter(codes)
+
+
+# ----------------------------------------------------------------- 5: a worker frozen past its lease
+def ws_events(url: str, body: dict, until=None, headers: dict | None = None) -> list[dict]:
+    """One request over its own WebSocket, every event until its final one (or until `until(events)`)."""
+    async def run() -> list[dict]:
+        events: list[dict] = []
+        async with websockets.connect(url, max_size=None, additional_headers=headers or AUTH1) as ws:
+            await ws.send(json.dumps({"type": "generate", **body}))
+            while not events or events[-1]["type"] not in contract.FINAL_TYPES:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=120)))
+                if until is not None and until(events):
+                    break
+        return events
+    return asyncio.run(run())
+
+
+def check_one_clean_run(attack: Attack, events: list[dict]) -> None:
+    """Steps 1, 2, ... of each canvas exactly once, one final event: nothing lost, nothing duplicated."""
+    rid = events[0]["request_id"]
+    numbers = [(e["canvas"], e["step"]) for e in events if e["type"] == "step"]
+    finals = [e for e in events if e["type"] in contract.FINAL_TYPES]
+    if len(finals) != 1 or len(set(numbers)) != len(numbers):
+        attack.tally.duplicated.append(rid)
+    expected = [(c, s) for c in sorted({c for c, _ in numbers}) for s in range(1, 1 + max(
+        s for cc, s in numbers if cc == c))]
+    if numbers != expected:
+        attack.tally.lost.append(rid)
+    assert len(finals) == 1 and numbers == expected, (finals, numbers[:5], len(numbers))
+
+
+def test_a_worker_frozen_past_its_lease_runs_each_request_once(attack: Attack):
+    """Item 5: SIGSTOP a lone worker past its lease (2 s) and wake it: it keeps what it runs (no `restarted`, no
+    duplicate steps), rather than reclaiming its own requests a second time."""
+    import signal
+
+    body = {"prompt": "freeze", "max_new_tokens": 81, **SLOW}
+
+    async def scenario() -> list[list[dict]]:
+        streams: list[list[dict]] = [[], []]
+
+        async def one(i: int) -> None:
+            async with websockets.connect(attack.svc.ws_url, additional_headers=AUTH1) as ws:
+                await ws.send(json.dumps({"type": "generate", **body, "seed": i}))
+                while not streams[i] or streams[i][-1]["type"] not in contract.FINAL_TYPES:
+                    streams[i].append(json.loads(await asyncio.wait_for(ws.recv(), timeout=120)))
+
+        tasks = [asyncio.create_task(one(i)) for i in range(2)]
+        while not all(any(e["type"] == "step" for e in s) for s in streams):
+            await asyncio.sleep(0.05)
+        attack.worker.signal(signal.SIGSTOP)
+        await asyncio.sleep(3.5)
+        attack.worker.signal(signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+        return streams
+
+    streams = asyncio.run(scenario())
+    for events in streams:
+        attack.tally.inputs += 1
+        assert not any(e["type"] == "restarted" for e in events)
+        check_one_clean_run(attack, events)
+        assert events[-1]["type"] == "done" and events[-1]["usage"]["denoising_steps"] == 300
+
+
+def test_a_woken_worker_whose_lease_was_taken_drops_the_row(attack: Attack):
+    """Item 5: while the worker is frozen, another consumer takes its job over (as a live worker would): once
+    awake, the worker publishes nothing more for it and its row leaves the batch."""
+    import signal
+
+    seen: list[dict] = []
+
+    def steps_written(rid: str) -> int:
+        return sum(json.loads(f[b"e"])["type"] == "step" for _, f in attack.redis.xrange(contract.events_key(rid)))
+
+    async def scenario() -> tuple[int, int, dict]:
+        async with websockets.connect(attack.svc.ws_url, additional_headers=AUTH1) as ws:
+            await ws.send(json.dumps({"type": "generate", "prompt": "taken", "max_new_tokens": 81, **SLOW}))
+            while sum(e["type"] == "step" for e in seen) < 3:
+                seen.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=60)))
+            rid = seen[0]["request_id"]
+            attack.worker.signal(signal.SIGSTOP)
+            await asyncio.sleep(2.5)  # past its lease
+            stream = contract.request_stream("adv")
+            [entry] = [p for p in attack.redis.xpending_range(stream, contract.GROUP, "-", "+", 100)
+                       if p["consumer"] == b"w1-adv"]
+            attack.redis.xclaim(stream, contract.GROUP, "another-worker", 0, [entry["message_id"]], justid=True)
+            before = steps_written(rid)
+            attack.worker.signal(signal.SIGCONT)
+            for _ in range(10):  # the other worker holds it, renewing its lease as a live worker does
+                attack.redis.xclaim(stream, contract.GROUP, "another-worker", 0, [entry["message_id"]], justid=True)
+                await asyncio.sleep(0.3)
+            after = steps_written(rid)
+            info = json.loads(attack.redis.get(contract.worker_key("w1-adv")))
+            # the other worker would end it; here the test does
+            attack.redis.xack(stream, contract.GROUP, entry["message_id"])
+            await ws.send(json.dumps({"type": "cancel", "request_id": rid}))
+            return before, after, info
+
+    before, after, info = asyncio.run(scenario())
+    attack.tally.inputs += 1
+    print(f"\nsteps written before the takeover {before}, after the worker woke {after}; its rows: {info['active']}")
+    assert after == before  # not a step more from the old owner
+    assert info["active"] == 0, info  # its row left the batch
+
+
+# ----------------------------------------------------------------- 6: cancel right after `queued`
+def test_a_cancel_sent_right_after_queued_is_never_lost(attack: Attack):
+    """Item 6: 40 requests, each cancelled the moment its `queued` event arrives: every one ends `cancelled`,
+    none runs its 300 steps."""
+    async def one(i: int) -> list[dict]:
+        events: list[dict] = []
+        async with websockets.connect(attack.svc.ws_url, additional_headers=AUTH1) as ws:
+            await ws.send(json.dumps({"type": "generate", "prompt": f"cancel {i}", "seed": i, "max_new_tokens": 81,
+                                      **SLOW}))
+            while not events or events[-1]["type"] not in contract.FINAL_TYPES:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=120)))
+                if events[-1]["type"] == "queued":
+                    await ws.send(json.dumps({"type": "cancel", "request_id": events[-1]["request_id"]}))
+        return events
+
+    async def scenario() -> list[list[dict]]:
+        return await asyncio.gather(*(one(i) for i in range(40)))
+
+    streams = asyncio.run(scenario())
+    attack.tally.inputs += 40
+    codes = Counter(s[-1].get("code", s[-1]["type"]) for s in streams)
+    steps = [sum(e["type"] == "step" for e in s) for s in streams]
+    print(f"\n40 cancelled at `queued`: finals {dict(codes)}, steps run: max {max(steps)}")
+    assert codes == {"cancelled": 40}, codes
+    assert max(steps) < 300
+
+
+def test_a_cancel_that_lands_between_take_and_admission_is_kept(tiny_model, tmp_path):
+    """Item 6, with the window held open: an in-process runner (real engine, real Redis) whose admission hook
+    is slow. The engine is busy with another request, so a cancel that reached it before the job would be
+    forgotten at the next step; the request must still end `cancelled`, not run its 300 steps."""
+    import threading
+
+    from dgserve.redis_server import RedisServer
+    from service.broker import Broker
+    from worker.engine import Engine, EngineConfig
+    from worker.runner import Runner
+
+    model, tokenizer = tiny_model
+    sampling = dict(max_new_tokens=32, max_denoising_steps=300, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+                    stability_threshold=1, confidence_threshold=1e-9)
+
+    def job(rid: str) -> contract.Job:
+        return contract.Job(request_id=rid, model="inproc", prompt_ids=tokenizer("hello")["input_ids"],
+                            sampling=contract.Sampling(seed=1, **sampling))
+
+    def slow_admission(kind: str, payload: object) -> None:
+        if kind == "admitted" and getattr(payload, "request_id", "") == "target":
+            time.sleep(0.5)
+
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    runner = Runner(Engine(model, EngineConfig(max_batch=4, max_context=512)), tokenizer, server.url, "inproc",
+                    "inproc-1", heartbeat_interval_s=0.5, observer=slow_admission)
+    runner.start()
+    loop = threading.Thread(target=runner.run, daemon=True)
+    loop.start()
+
+    async def scenario() -> list[str]:
+        broker = Broker(server.url)
+        try:
+            await broker.submit(job("busy"), tenant="t", max_depth=10)
+            while (await broker.status("busy")).get("status") != "running":
+                await asyncio.sleep(0.01)
+            await broker.submit(job("target"), tenant="t", max_depth=10)
+            while (await broker.status("target")).get("status") != "running":  # taken: now in its admission
+                await asyncio.sleep(0.005)
+            await broker.cancel("target")
+            events = [e.parse() async for _, e in broker.events("target")]
+            await broker.cancel("busy")
+            return [e.type if e.type != "error" else e.code for e in events]
+        finally:
+            await broker.close()
+
+    try:
+        kinds = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    finally:
+        runner.stop()
+        loop.join(timeout=30)
+        server.close()
+    print(f"\ncancelled inside the take window: {Counter(kinds)}")
+    assert kinds[-1] == "cancelled" and kinds.count("step") < 300, Counter(kinds)

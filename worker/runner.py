@@ -2,17 +2,20 @@
 
 Threads, so that the GPU never waits on Redis:
 - main: the engine loop (admit -> step -> hand events to the publisher), nothing else;
-- fetcher: XREADGROUP new jobs (only as many as the engine has room for; the rest wait in Redis),
-  and reclaims jobs whose worker died (XAUTOCLAIM);
+- fetcher: takes new jobs (only as many as the engine has room for; the rest wait in Redis), and reclaims
+  jobs whose worker went silent, never one this process runs itself;
 - canceller: follows the broadcast cancel stream;
-- publisher: turns engine events into contract events (detokenizes) and writes them, then
-  acknowledges finished jobs;
-- heartbeat: refreshes this worker's key (with what it serves and how busy it is).
+- publisher: turns engine events into contract events (detokenizes), ends requests that pass their running
+  deadline, writes the events and acknowledges finished jobs;
+- heartbeat: refreshes this worker's key (with what it serves and how busy it is) and renews its leases.
+
+The Redis side of each lives in `worker.broker`; this module keeps only the delivery state of what it holds.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -22,24 +25,25 @@ from dataclasses import dataclass, field
 import redis
 
 from dgserve import contract
+from worker.broker import REDIS_ERRORS, Publication, WorkerBroker
 from worker.engine import Engine
 from worker.text import Detokenizer
 from worker.types import DoneEvent, EngineEvent, EngineRequest, StepEvent
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
 
 @dataclass
 class _Held:
-    """A job this worker holds, from XREADGROUP to XACK."""
+    """A job this worker holds, from its take to its final event (the engine's row is its progress)."""
 
     job: contract.Job
     entry_id: bytes
     started: float = field(default_factory=time.monotonic)
     steps: int = 0
-    suppressed: bool = False  # ended early (stop string): drop the engine's later events
+    admitted: bool = False  # handed to the engine
+    cancel_requested: bool = False  # cancelled before it was handed to the engine
+    suppressed: bool = False  # ended here (stop string, running deadline): drop the engine's later events
 
 
 class Runner:
@@ -59,19 +63,15 @@ class Runner:
     ):
         self.engine = engine
         self.detok = Detokenizer(tokenizer)
-        self.redis = redis.Redis.from_url(redis_url, **contract.client_options(asynchronous=False))
+        self.broker = WorkerBroker(redis_url, model_name, worker_id, lease_ms)
         self.model_name = model_name
         self.worker_id = worker_id
-        self.stream = contract.request_stream(model_name)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.lease_ms = lease_ms
         self.max_attempts = max_attempts
         self.observe = observer or (lambda kind, payload: None)
         self.on_step = on_step or (lambda seconds, rows, running, pending: None)
 
-        self._publish = self.redis.register_script(contract.PUBLISH_LUA)
-        self._renew = self.redis.register_script(contract.RENEW_LUA)
-        self._take_script = self.redis.register_script(contract.TAKE_LUA)
         self.inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self.outbox: queue.Queue[list[EngineEvent] | None] = queue.Queue()
         self.held: dict[str, _Held] = {}
@@ -83,6 +83,14 @@ class Runner:
         self.started_at = time.time()
         self.redis_ok = False
         self._threads: list[threading.Thread] = []
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self.broker.redis
+
+    @property
+    def stream(self) -> str:
+        return self.broker.stream
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -101,17 +109,7 @@ class Runner:
         self.stopped.set()
 
     def _ensure_group(self) -> None:
-        while True:
-            try:
-                self.redis.xgroup_create(self.stream, contract.GROUP, id="0", mkstream=True)
-                return
-            except redis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" in str(exc):
-                    return
-                raise
-            except REDIS_ERRORS as exc:
-                log.warning("redis unreachable (%s); retrying", exc)
-                time.sleep(1.0)
+        self.broker.ensure_group()
 
     # ------------------------------------------------------------ main loop
     def run(self, drain_timeout_s: float = 60.0) -> None:
@@ -156,21 +154,16 @@ class Runner:
                 return
 
     def _hand_back(self) -> None:
-        """Drain timed out: leave held jobs unacknowledged so that another worker reclaims them at once."""
+        """Drain timed out: hand held jobs back so that another worker reclaims them at once."""
         with self.held_lock:
-            ids = list(self.held)
-        log.warning("drain timeout: handing back %d requests", len(ids))
-        for rid in ids:
+            held, self.held = self.held, {}
+        log.warning("drain timeout: handing back %d requests", len(held))
+        for rid in held:
             self.engine.cancel(rid)
-            with self.held_lock:
-                held = self.held.pop(rid, None)
-            if held is None:
-                continue
-            try:  # idle time large enough for the next XAUTOCLAIM to take it
-                self.redis.xclaim(self.stream, contract.GROUP, "handed-back", 0, [held.entry_id],
-                                  idle=self.lease_ms * 10, justid=True)
-            except REDIS_ERRORS:
-                pass  # it will be reclaimed after its lease anyway
+        try:
+            self.broker.hand_back([h.entry_id for h in held.values()])
+        except REDIS_ERRORS:
+            pass  # they will be reclaimed after their lease anyway
 
     # -------------------------------------------------------------- fetcher
     def _capacity(self) -> int:
@@ -178,7 +171,6 @@ class Runner:
             return self.engine.config.max_batch - len(self.held)
 
     def _fetch_loop(self) -> None:
-        consumer = self.worker_id
         next_claim = 0.0
         while not self.stopped.is_set():
             if not self.accepting.is_set():
@@ -193,14 +185,11 @@ class Runner:
                 entries: list = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + max(self.lease_ms / 4000, 0.5)
-                    # Redis 6.2 answers [next, entries], 7.x [next, entries, deleted]
-                    claimed = self.redis.xautoclaim(self.stream, contract.GROUP, consumer,
-                                                    min_idle_time=self.lease_ms, start_id="0-0", count=room)
-                    entries = [e for e in claimed[1] if e and e[1]]
+                    with self.held_lock:
+                        mine = [h.entry_id for h in self.held.values()]
+                    entries = self.broker.reclaim(room, mine)
                 if not entries:
-                    reply = self.redis.xreadgroup(contract.GROUP, consumer, {self.stream: ">"},
-                                                  count=room, block=500)
-                    entries = reply[0][1] if reply else []
+                    entries = self.broker.read_new(room)
                 self.redis_ok = True
             except REDIS_ERRORS as exc:
                 self.redis_ok = False
@@ -223,67 +212,87 @@ class Runner:
             job = contract.decode_job(fields[contract.JOB_FIELD.encode()])
         except Exception as exc:  # a malformed job must not block the stream
             log.error("dropping malformed job %s: %s", entry_id, exc)
-            self.redis.xack(self.stream, contract.GROUP, entry_id)
+            self.broker.drop(entry_id)
             return
         rid = job.request_id
-        verdict, attempt = self._take_script(keys=[contract.request_key(rid)], args=[self.worker_id])
-        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
-        if verdict == "skip":  # it already ended (timed out, cancelled, or finished by a previous owner)
-            self.redis.xack(self.stream, contract.GROUP, entry_id)
-            return
-        if verdict == "cancel":  # cancelled while it waited in the queue
-            self._fail(job, entry_id, "cancelled", "request cancelled")
-            return
-        if attempt > self.max_attempts:
-            self._fail(job, entry_id, "attempts_exhausted",
-                       f"request failed on {attempt - 1} workers (max_attempts {self.max_attempts})",
-                       deadletter=True)
-            return
-        if attempt == 1 and job.deadline is not None and time.time() > job.deadline:
-            self._fail(job, entry_id, "timeout", "request waited in the queue past its deadline")
-            return
-        if attempt > 1:
-            self.redis.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(
-                contract.Restarted(request_id=rid, attempt=int(attempt)))})
+        held = _Held(job, entry_id)
         with self.held_lock:
-            self.held[rid] = _Held(job, entry_id)
+            duplicate = rid in self.held
+            if not duplicate:
+                self.held[rid] = held  # registered before the take: a cancel from now on finds it
+        if duplicate:
+            log.warning("request %s is already running here; dropping its second entry %s", rid, entry_id)
+            self.broker.drop(entry_id)
+            return
+        try:
+            admit = self._decide(held)
+        except BaseException:
+            self._release(rid)
+            raise
+        if not admit:
+            self._release(rid)
+            return
         self.observe("admitted", job)
-        self.inbox.put(("job", EngineRequest(
-            request_id=rid, prompt_ids=job.prompt_ids, template=job.template,
-            params=job.sampling,
-        )))
+        with self.held_lock:
+            held.admitted = True
+            self.inbox.put(("job", EngineRequest(request_id=rid, prompt_ids=job.prompt_ids, template=job.template,
+                                                 params=job.sampling)))
+            if held.cancel_requested:
+                self.inbox.put(("cancel", rid))
 
-    def _fail(self, job: contract.Job, entry_id: bytes, code: str, message: str, deadletter: bool = False):
-        rid = job.request_id
-        pipe = self.redis.pipeline()
-        pipe.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(
-            contract.Error(request_id=rid, code=code, message=message))})
-        pipe.expire(contract.events_key(rid), contract.EVENTS_TTL_S)
-        pipe.hset(contract.request_key(rid), "status", "cancelled" if code == "cancelled" else "error")
-        if deadletter:
-            pipe.xadd(contract.DEADLETTER, {contract.JOB_FIELD: contract.encode(job), "reason": message},
-                      maxlen=contract.DEADLETTER_MAXLEN, approximate=True)
-        pipe.xack(self.stream, contract.GROUP, entry_id)
-        pipe.execute()
+    def _decide(self, held: _Held) -> bool:
+        """Whether a registered job runs here; a job that does not is ended (or skipped) in Redis."""
+        job, entry_id = held.job, held.entry_id
+        verdict, attempt = self.broker.take(job.request_id)
+        if verdict == "skip":  # it already ended (timed out, cancelled, or finished by a previous owner)
+            self.broker.drop(entry_id)
+            return False
+        if verdict == "cancel":  # cancelled while it waited in the queue
+            return self._fail(job, entry_id, "cancelled", "request cancelled")
+        if attempt > self.max_attempts:
+            return self._fail(job, entry_id, "attempts_exhausted",
+                              f"request failed on {attempt - 1} workers (max_attempts {self.max_attempts})",
+                              deadletter=True)
+        if attempt == 1 and job.deadline is not None and time.time() > job.deadline:
+            return self._fail(job, entry_id, "timeout", "request waited in the queue past its deadline")
+        if attempt > 1:
+            return self.broker.restarted(job.request_id, entry_id, attempt)
+        return True
+
+    def _fail(self, job: contract.Job, entry_id: bytes, code: str, message: str, deadletter: bool = False) -> bool:
+        self.broker.fail(job, entry_id, contract.Error(request_id=job.request_id, code=code, message=message),
+                         deadletter)
         self.observe("failed", code)
+        return False
+
+    def _release(self, rid: str) -> None:
+        with self.held_lock:
+            self.held.pop(rid, None)
+        with self.room:
+            self.room.notify_all()
 
     # ------------------------------------------------------------ canceller
     def _cancel_loop(self) -> None:
-        last = "$"
+        last: str | None = None
         while not self.stopped.is_set():
             try:
-                reply = self.redis.xread({contract.CANCELS: last}, block=500, count=100)
+                last = last or self.broker.cancels_tail()
+                last, rids = self.broker.cancels(last)
             except REDIS_ERRORS:
                 time.sleep(0.5)
                 continue
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    rid = fields.get(b"request_id", b"").decode()
-                    with self.held_lock:
-                        mine = rid in self.held
-                    if mine:
-                        self.inbox.put(("cancel", rid))
+            for rid in rids:
+                self._cancel(rid)
+
+    def _cancel(self, rid: str) -> None:
+        with self.held_lock:
+            held = self.held.get(rid)
+            if held is None:
+                return
+            if held.admitted:
+                self.inbox.put(("cancel", rid))
+            else:  # `_take` passes it on with the job
+                held.cancel_requested = True
 
     # ------------------------------------------------------------ publisher
     def _publish_loop(self) -> None:
@@ -310,9 +319,13 @@ class Runner:
                 held = self.held.get(ev.request_id)
             if held is None or held.suppressed:
                 continue
-            converted = self.detok.convert(ev, final_follows=ev.request_id in ending)
             if isinstance(ev, StepEvent):
                 held.steps += 1
+                if not math.isfinite(ev.mean_entropy):  # never publish NaN: JSON has none, followers would choke
+                    out.append(self._end_here(held, "numerical_error", "the sampler's entropies are not finite "
+                                              "(are the temperatures too low for this model?)"))
+                    continue
+            converted = self.detok.convert(ev, final_follows=ev.request_id in ending)
             if isinstance(converted, contract.Canvas) and held.job.stop:
                 done = self._stop_string(held, converted)
                 if done is not None:
@@ -323,7 +336,28 @@ class Runner:
                     self.inbox.put(("cancel", ev.request_id))  # the engine drops the row next step
                     continue
             out.append((converted, held))
+            if isinstance(ev, StepEvent) and (overrun := self._past_deadline(held)):
+                out.append(self._end_here(held, "deadline_exceeded", overrun))
         return out
+
+    def _past_deadline(self, held: _Held) -> str | None:
+        """Why a running request must end now (its running deadline), or None."""
+        job = held.job
+        if job.max_steps is not None and held.steps >= job.max_steps:
+            return f"the request ran {held.steps} denoising steps, the limit per request of this deployment"
+        elapsed = time.monotonic() - held.started
+        if job.max_running_s is not None and elapsed > job.max_running_s:
+            return f"the request ran for {elapsed:.0f} s, past the limit of {job.max_running_s:g} s per request"
+        return None
+
+    def _end_here(self, held: _Held, code: str, message: str) -> tuple[contract.BaseModel, _Held]:
+        """End a running request with an error of the runner's own: the engine drops its row next step."""
+        rid = held.job.request_id
+        held.suppressed = True
+        self.detok.forget(rid)
+        self.inbox.put(("cancel", rid))
+        log.warning("request %s ended: %s: %s", rid, code, message)
+        return contract.Error(request_id=rid, code=code, message=message), held
 
     def _stop_string(self, held: _Held, canvas: contract.Canvas) -> tuple[contract.Done, int] | None:
         """Stop strings apply when a canvas commits: cut the text at the first one and end the request.
@@ -348,37 +382,26 @@ class Runner:
 
     def _write(self, batch: list[tuple[contract.BaseModel, _Held | None]]) -> None:
         """One atomic script per batch: events of jobs this worker still owns; finals also ack them."""
-        per_request: dict[str, tuple[_Held, list[str], str]] = {}
+        per_request: dict[str, Publication] = {}
         for event, held in batch:
             if held is None:
                 continue
-            rid = event.request_id  # type: ignore[attr-defined]
-            _, payloads, final = per_request.setdefault(rid, (held, [], ""))
-            payloads.append(contract.encode(event))
+            pub = per_request.setdefault(held.job.request_id, Publication(held.entry_id, []))
+            pub.payloads.append(contract.encode(event))
             if event.type in contract.FINAL_TYPES:  # type: ignore[attr-defined]
-                final = "done" if event.type == "done" else (  # type: ignore[attr-defined]
-                    "cancelled" if getattr(event, "code", "") == "cancelled" else "error")
-            per_request[rid] = (held, payloads, final)
+                pub.final = contract.final_status(event)  # type: ignore[arg-type]
         if not per_request:
             return
-        keys, args = [self.stream], [contract.GROUP, self.worker_id, contract.EVENTS_TTL_S, len(per_request)]
-        for rid, (held, payloads, final) in per_request.items():
-            keys += [contract.events_key(rid), contract.request_key(rid)]
-            args += [held.entry_id, final, len(payloads), *payloads]
-        lost = set(self._publish(keys=keys, args=args))
+        lost = self.broker.publish(per_request)
         for event, _ in batch:
             self.observe("event", event)
-        ended = [rid for rid, (held, _, final) in per_request.items() if final or held.entry_id in lost]
-        for rid, (held, _, _) in per_request.items():
-            if held.entry_id in lost:
+        ended = [rid for rid, pub in per_request.items() if pub.final or pub.entry_id in lost]
+        for rid, pub in per_request.items():
+            if pub.entry_id in lost:
                 log.warning("request %s was reclaimed by another worker; dropping it here", rid)
                 self.inbox.put(("cancel", rid))
-        if ended:
-            with self.held_lock:
-                for rid in ended:
-                    self.held.pop(rid, None)
-            with self.room:
-                self.room.notify_all()
+        for rid in ended:
+            self._release(rid)
 
     # ------------------------------------------------------------ heartbeat
     def info(self) -> contract.WorkerInfo:
@@ -394,33 +417,25 @@ class Runner:
     def _heartbeat_loop(self) -> None:
         while not self.stopped.is_set():
             try:
-                self.redis.set(contract.worker_key(self.worker_id), contract.encode(self.info()),
-                               ex=contract.HEARTBEAT_TTL_S)
+                self.broker.beat(self.info())
                 self._renew_leases()
                 self.redis_ok = True
             except REDIS_ERRORS as exc:
                 self.redis_ok = False
                 log.warning("heartbeat: redis unreachable (%s)", exc)
             self.stopped.wait(self.heartbeat_interval_s)
-        try:
-            self.redis.delete(contract.worker_key(self.worker_id))
-        except REDIS_ERRORS:
-            pass
+        self.broker.leave()
 
     def _renew_leases(self) -> None:
         """Reset the idle time of held jobs, so that nobody reclaims a live request; drop lost ones."""
         with self.held_lock:
             by_entry = {h.entry_id: rid for rid, h in self.held.items()}
-        if not by_entry:
-            return
-        lost = self._renew(keys=[self.stream], args=[contract.GROUP, self.worker_id, *by_entry])
-        for entry in lost:
+        for entry in self.broker.renew(list(by_entry)):
             rid = by_entry.get(entry)
             if rid is None:
                 continue
             log.warning("lease of %s lost (reclaimed by another worker); dropping it here", rid)
-            with self.held_lock:
-                self.held.pop(rid, None)
+            self._release(rid)
             self.inbox.put(("cancel", rid))
 
 
