@@ -22,10 +22,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -36,6 +34,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 import worker.ops  # noqa: E402, F401  (registers the ops)
+from tests import sm90  # noqa: E402
 from worker.ops.registry import PLAIN  # noqa: E402
 from worker.ops.triton import attention as kernel  # noqa: E402
 from worker.ops.triton_kernels import triton_function  # noqa: E402
@@ -178,50 +177,20 @@ SM90_LAYERS = {
     "global decoder": (2, 512, False, 0),
     "global encoder": (2, 512, True, 0),
 }
-SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm90 (227 KB of an H100/H200 SM's 228)
 SM90_STACK_LIMIT = 64  # bytes of local stack a thread: a few spilled registers, outside the K loop
 
 
 def compile_for_sm90() -> dict[str, dict]:
-    """Compile the kernel for sm90 exactly as `attention` launches it for each served layer; nothing runs.
-    Needs TRITON_INTERPRET=0 (set before triton is imported), not a GPU: the JIT gets a driver that only names
-    the target."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class Sm90Target:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-    driver.set_active(Sm90Target())
+    """Compile the kernel for sm90 exactly as `attention` launches it for each served layer; nothing runs (needs
+    TRITON_INTERPRET=0, not a GPU)."""
+    sm90.use_sm90_target()
     report = {}
     for name, (kv_heads, D, causal, window) in SM90_LAYERS.items():
         q = torch.empty((2, 256, 16, D), dtype=torch.bfloat16)
         pool = torch.empty((3, kv_heads, 1280, D), dtype=torch.bfloat16)
         rows = torch.zeros(2, dtype=torch.long)
         grid, args, kwargs = kernel.launch(q, pool, pool, rows, rows, rows, causal, window, 1.0, torch.empty_like(q))
-        compiled = kernel._attention_kernel.warmup(*args, grid=grid, **kwargs)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
-            cubin.flush()
-            usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", cubin.name],
-                                   capture_output=True, text=True, check=True).stdout
-        report[name] = {
-            "shared": compiled.metadata.shared,
-            "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-            "wgmma": "ttng.warp_group_dot" in compiled.asm["ttgir"],
-        }
+        report[name] = sm90.usage(kernel._attention_kernel.warmup(*args, grid=grid, **kwargs))
     return report
 
 
@@ -235,7 +204,7 @@ def test_kernels_compile_for_sm90_within_shared_memory_and_registers():
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert set(report) == set(SM90_LAYERS)
     for name, k in report.items():
-        assert k["shared"] <= SM90_SHARED_LIMIT, (name, k)
+        assert k["shared"] <= sm90.SHARED_LIMIT, (name, k)
         assert k["stack"] <= SM90_STACK_LIMIT, (name, k)
         assert k["wgmma"], (name, k)
 

@@ -197,21 +197,11 @@ SMEM_PER_BLOCK = 232448  # sm90: 227 KB of shared memory a block may opt in to
 def compile_for_sm90(dtype_name: str = "bfloat16") -> None:
     """Run every launcher at the real 26B-A4B shapes with compile-only launches for sm90 (no GPU, no interpreter);
     print one JSON line per kernel compiled. Run in a subprocess with TRITON_INTERPRET=0."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    class Sm90:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+    from tests.sm90 import use_sm90_target
 
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(Sm90())
+    use_sm90_target()
     run = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
