@@ -6,6 +6,8 @@ untouched, every row, column and box valid).
     python bench/sudoku_eval.py --url http://127.0.0.1:8000 --per-difficulty 50 --attempts 1,8
 
 Writes bench/results/sudoku_eval.json and a PNG. Needs Debian's `qqwing` (else the bundled held-out set).
+Every puzzle is checked against the training bank (training/data/sudoku_bank.npz, digits relabelled
+included): one that training saw would be dropped and counted in the JSON (`seen_in_training`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service_runner import service  # noqa: E402
 from dgserve.sudoku import is_valid_solution  # noqa: E402
+from training.sudoku_bank import BANK_PATH, bank_keys, load_bank, puzzle_keys  # noqa: E402
 
 DIFFICULTIES = ("simple", "easy", "intermediate", "expert")
 
@@ -48,6 +52,20 @@ def qqwing_puzzles(per: int, seed: int) -> tuple[list[dict], str]:
         out += [{"difficulty": d, "puzzle": r["puzzle"].replace(".", "0"), "solution": r["solution"]}
                 for r in rows if r.get("difficulty") == d][:per]
     return out, f"bundled held-out qqwing set {bundled.name} (qqwing not installed)"
+
+
+def unseen_in_training(puzzles: list[dict]) -> tuple[list[dict], int]:
+    """The puzzles that are not in the training bank (compared up to a relabelling of the digits)."""
+    if not BANK_PATH.exists():
+        return puzzles, 0
+    seen = bank_keys(load_bank(BANK_PATH))
+
+    def digits(text: str) -> list[int]:
+        return [int(c) if c.isdigit() else 0 for c in text]
+
+    keep = [p for p in puzzles if not puzzle_keys(np.array([digits(p["puzzle"])], np.uint8),
+                                                   np.array([digits(p["solution"])], np.uint8)) & seen]
+    return keep, len(puzzles) - len(keep)
 
 
 async def solve_all(url: str, puzzles: list[dict], attempts: int, concurrency: int, seed: int,
@@ -105,7 +123,7 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running service (default: start `dgserve up` here)")
-    p.add_argument("--per-difficulty", type=int, default=25)
+    p.add_argument("--per-difficulty", type=int, default=50)
     p.add_argument("--attempts", default="1,8", help="comma list: samples per puzzle, the first valid wins")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -121,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         source = f"{earlier['source']} (reused from {args.puzzles_from.name})"
     else:
         puzzles, source = qqwing_puzzles(args.per_difficulty, args.seed)
-    report = {"benchmark": "sudoku-eval", "source": source, "puzzles": len(puzzles), "sampling": args.sampling,
-              "runs": {}}
+    puzzles, seen = unseen_in_training(puzzles)
+    report = {"benchmark": "sudoku-eval", "source": source, "puzzles": len(puzzles), "seen_in_training": seen,
+              "sampling": args.sampling, "runs": {}}
     with service(args.url, ["sudoku"]) as url:
         for attempts in (int(a) for a in args.attempts.split(",")):
             t = time.perf_counter()

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,11 +403,22 @@ def _load(out):
     return DiffusionGemmaForBlockDiffusion.from_pretrained(out), AutoTokenizer.from_pretrained(out)
 
 
-def test_smoke_training_sudoku_writes_a_loadable_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_models(tmp_path_factory) -> tuple[Path, dict]:
+    """<dir>/sudoku and <dir>/text trained in smoke mode (tiny, 6 steps), and their summaries."""
     from training.train import TrainConfig, train
 
-    out = tmp_path / "sudoku"
-    result = train(TrainConfig(task="sudoku", out=str(out), smoke=True, device="cpu"), log=lambda _: None)
+    root = tmp_path_factory.mktemp("smoke")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the per-test one-thread fixture
+    results = {task: train(TrainConfig(task=task, out=str(root / task), smoke=True, device="cpu"), log=lambda _: None)
+               for task in ("sudoku", "text")}
+    torch.set_num_threads(threads)
+    return root, results
+
+
+def test_smoke_training_sudoku_writes_a_loadable_checkpoint(smoke_models):
+    out, result = smoke_models[0] / "sudoku", smoke_models[1]["sudoku"]
     assert result["steps"] == 6 and math.isfinite(result["loss"])
     assert (out / "model.safetensors").stat().st_size < CHECKPOINT_LIMIT_BYTES
     model, tok = _load(out)
@@ -439,11 +454,8 @@ def test_training_can_continue_from_a_checkpoint(tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
 
 
-def test_smoke_training_text_writes_a_loadable_checkpoint(tmp_path):
-    from training.train import TrainConfig, train
-
-    out = tmp_path / "text"
-    result = train(TrainConfig(task="text", out=str(out), smoke=True, device="cpu"), log=lambda _: None)
+def test_smoke_training_text_writes_a_loadable_checkpoint(smoke_models):
+    out, result = smoke_models[0] / "text", smoke_models[1]["text"]
     assert result["steps"] == 6 and math.isfinite(result["loss"])
     model, tok = _load(out)
     assert model.config.get_text_config().vocab_size == len(tok)
@@ -478,3 +490,48 @@ def test_safe_mode_follows_the_same_trajectory(tmp_path):
                           max_steps=3, safe=safe)
         losses.append(train(cfg, log=lambda _: None)["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_the_gpu_script_runs_on_the_cpu_with_a_tiny_config(smoke_models, tmp_path):
+    """training/gpu_train.sh end to end as the GPU call runs it (both models side by side, continued from the
+    given checkpoints, the text canvas set, packed), on the CPU in smoke mode: seconds, not minutes."""
+    import tarfile
+
+    root = Path(__file__).resolve().parents[1]
+    out, packed = tmp_path / "out", tmp_path / "pack"
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["bash", str(root / "training" / "gpu_train.sh"), str(out), "120", "--device", "cpu", "--smoke",
+         "--init-from", str(smoke_models[0]), "--text-canvas", "12", "--pack", str(packed)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((packed / "summary.json").read_text())
+    assert [r["model"] for r in rows] == ["sudoku", "text"] and all(r["rc"] == 0 for r in rows)
+    for name in ("sudoku", "text"):
+        with tarfile.open(packed / f"{name}.tar.gz") as tar:
+            tar.extractall(tmp_path / "unpacked", filter="data")
+        meta = json.loads((tmp_path / "unpacked" / name / "dgserve.json").read_text())
+        assert meta["init_from"]["path"] == str(smoke_models[0] / name)
+        assert meta["throughput"]["examples_per_s"] > 0 and meta["throughput"]["flops_per_example"] > 0
+    model, tok = _load(tmp_path / "unpacked" / "text")
+    assert model.config.canvas_length == 12
+    assert tok.get_vocab() == _load(smoke_models[0] / "text")[1].get_vocab()  # the continued model's tokenizer
+
+
+def test_dictd_entries_become_documents(tmp_path):
+    """The dictd reader (The Devil's Dictionary comes as a dictd database): offsets and lengths in dictd's
+    base 64, the gzip body, the header entries skipped."""
+    import gzip
+
+    entries = [("00databaseinfo", "header, not text"), ("ABSURDITY", "ABSURDITY, n.  A statement of belief."),
+               ("BORE", "BORE, n.  A person who talks when you wish him to listen.")]
+    body, index = b"", []
+    for head, text in entries:
+        raw = (text + "\n\n").encode()
+        index.append(f"{head}\t{D._DICTD_B64[len(body) // 64]}{D._DICTD_B64[len(body) % 64]}\t"
+                     f"{D._DICTD_B64[len(raw) // 64]}{D._DICTD_B64[len(raw) % 64]}")
+        body += raw
+    (tmp_path / "x.index").write_text("\n".join(index) + "\n")
+    (tmp_path / "x.dict.dz").write_bytes(gzip.compress(body))
+    docs = D.dictd_documents("x", tmp_path)
+    assert docs == [{"src": "x", "text": entries[1][1]}, {"src": "x", "text": entries[2][1]}]

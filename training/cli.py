@@ -68,6 +68,21 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, default=2)
 
+    m = sub.add_parser("throughput", help="examples/s of the training step (warm-up, then timed steps)")
+    m.add_argument("--task", choices=["sudoku", "text"], default="sudoku")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.add_argument("--preset", default="")
+    m.add_argument("--batch-size", type=int, default=0)
+    m.add_argument("--canvas-length", type=int, default=0, help="text only (default 64)")
+    m.add_argument("--init", default=None, help="start from this checkpoint (text: and use its tokenizer)")
+    m.add_argument("--steps", type=int, default=10)
+    m.add_argument("--warmup", type=int, default=2)
+    m.add_argument("--threads", type=int, default=0)
+    m.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    m.add_argument("--safe", action="store_true")
+    m.add_argument("--scratch", default="/tmp/dgserve-throughput", help="unused output directory of the run")
+    m.add_argument("--out", default=None, help="append the result to this JSON report")
+
     g = sub.add_parser("gpu", help="train both checkpoints within one time budget (the scripted GPU run)")
     g.add_argument("--out", default="models", help="parent directory: <out>/sudoku, <out>/text")
     g.add_argument("--budget", type=float, default=540.0, help="total wall-clock seconds for both models")
@@ -124,6 +139,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m training") -> int
                              workers=args.workers)
         print(json.dumps(info))
         return 0
+
+    if args.command == "throughput":
+        from training.throughput import main as throughput_main
+
+        return throughput_main(args)
 
     if args.command == "gpu":
         from training.gpu import run_both

@@ -13,8 +13,9 @@ Sudoku
     givens are clamped through a template, so training never noises them either.
 
 Text
-    The King James Bible (Debian's bible-kjv: the `bible` CLI) and Debian's fortunes
-    (/usr/share/games/fortunes), dumped by `build_corpus` to a JSON-lines file, one document per line. A small
+    The King James Bible (Debian's bible-kjv: the `bible` CLI), Debian's fortunes (/usr/share/games/fortunes) and
+    The Devil's Dictionary (Debian's dict-devil), dumped by `build_corpus` to a JSON-lines file, one document
+    per line. A small
     excerpt is bundled (`training/data/mini_corpus.jsonl`, < 200 KB) for CI and as a fallback.
 """
 
@@ -329,6 +330,37 @@ def fortune_documents(directory: str | Path = FORTUNES_DIR) -> list[dict]:
     return docs
 
 
+DICTD_DIR = Path("/usr/share/dictd")
+_DICTD_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(text: str) -> int:
+    n = 0
+    for ch in text:
+        n = n * 64 + _DICTD_B64.index(ch)
+    return n
+
+
+def dictd_documents(name: str = "devil", directory: str | Path = DICTD_DIR) -> list[dict]:
+    """One document per entry of a dictd database (Debian's dict-devil: Ambrose Bierce's The Devil's Dictionary,
+    1911, public domain): {"src": "<name>", "text": ...}, the `00database*` header entries left out."""
+    directory = Path(directory)
+    index, body = directory / f"{name}.index", directory / f"{name}.dict.dz"
+    if not index.is_file() or not body.is_file():
+        raise FileNotFoundError(f"{body} not found (apt-get install dict-{name})")
+    raw = gzip.decompress(body.read_bytes())  # dictzip is gzip with an index in the header
+    docs = []
+    for line in index.read_text(encoding="utf-8", errors="replace").splitlines():
+        head, offset, length = line.split("\t")[:3]
+        if head.startswith("00database"):
+            continue
+        start = _dictd_number(offset)
+        text = raw[start:start + _dictd_number(length)].decode("utf-8", errors="replace").strip("\n")
+        if len(text) >= 10:
+            docs.append({"src": name, "text": text})
+    return docs
+
+
 def document_text(doc: dict) -> str:
     if "verses" in doc:
         return doc["title"] + "\n" + "\n".join(doc["verses"])
@@ -345,13 +377,22 @@ def _write_jsonl(docs: Iterable[dict], path: Path) -> None:
 
 
 def build_corpus(out: str | Path = DEFAULT_CORPUS_PATH) -> dict:
-    """Dump the full corpus (KJV chapters + fortunes) to `out` (.jsonl or .jsonl.gz). Deterministic."""
+    """Dump the full corpus to `out` (.jsonl or .jsonl.gz), deterministically: KJV chapters + fortunes (both
+    required) + The Devil's Dictionary (if dict-devil is installed). The Jargon File (dict-jargon, also public
+    domain) is left out on purpose: its hacker slang, acronyms and {cross-references} are not the English the
+    text model is asked to write."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     docs = bible_documents() + fortune_documents()
+    try:
+        docs += dictd_documents("devil")
+    except FileNotFoundError:
+        pass
     _write_jsonl(docs, out)
     chars = sum(len(document_text(d)) for d in docs)
-    return {"path": str(out), "documents": len(docs), "characters": chars, "bytes": out.stat().st_size}
+    sources = sorted({d["src"].split("/")[0] for d in docs})
+    return {"path": str(out), "documents": len(docs), "characters": chars, "bytes": out.stat().st_size,
+            "sources": sources}
 
 
 def build_mini_corpus(out: str | Path = MINI_CORPUS_PATH, max_bytes: int = 190_000) -> dict:
