@@ -64,11 +64,12 @@ def readable(L: int, n: torch.Tensor, q_start: torch.Tensor, causal: bool, windo
 
 
 def make(B: int, L: int, Hq: int, Hkv: int, D: int, kv_len: list[int], q_start: list[int], causal: bool,
-         window: int, dtype: torch.dtype, pool_dtype: torch.dtype | None = None, seed: int = 0) -> dict:
+         window: int, dtype: torch.dtype, pool_dtype: torch.dtype | None = None, capacity: int | None = None,
+         seed: int = 0) -> dict:
     """Inputs of one call: rows in non-contiguous, out-of-order slots of a pool with spare slots; pool entries no
     row may read are NaN (the kernel gets those pools, the spec gets the same pools with zeros there)."""
     g = torch.Generator().manual_seed(seed)
-    capacity = max(kv_len) + 70
+    capacity = capacity or max(kv_len) + 70
     slots = torch.tensor([2 * B - 2 * b for b in range(B)])  # e.g. 4, 2, 0 of 5 slots
     n, start = torch.tensor(kv_len), torch.tensor(q_start)
     pool_dtype = pool_dtype or dtype
@@ -143,6 +144,12 @@ def test_rows_with_no_key_to_see_get_zeros():
     # queries at key index 30..33 with window 4 see keys 27.. but kv_len is 20: nothing
     empty = make(1, 4, 2, 1, 16, [20], [30], True, 4, torch.float32)
     assert (check(empty) == 0).all()
+
+
+@needs_a_device
+def test_a_kv_len_past_the_capacity_reads_the_slot_only():
+    """The spec's slice stops at the slot's capacity; reading on would reach the next head or slot (NaN here)."""
+    check(make(2, 6, 4, 2, 16, [90, 30], [0, 0], False, 0, torch.float32, capacity=64))
 
 
 @needs_a_device

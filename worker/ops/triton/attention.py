@@ -84,7 +84,7 @@ def _attend(acc, l_i, m_i, q, k_base, v_base, sk_t, sk_d, sv_t, sv_d, lo, hi, qp
 @triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, slots_ptr, kv_len_ptr, q_start_ptr,
-    L, window, qk_scale,
+    L, capacity, window, qk_scale,
     sq_b, sq_l, sq_h, sq_d, sk_s, sk_h, sk_t, sk_d, sv_s, sv_h, sv_t, sv_d, so_b, so_l, so_h, so_d,
     D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_SPLIT: tl.constexpr,
@@ -95,7 +95,7 @@ def _attention_kernel(
     part = tl.program_id(1) % D_SPLIT  # which D / D_SPLIT columns of the output this program writes
     b = tl.program_id(2).to(tl.int64)
     slot = tl.load(slots_ptr + b).to(tl.int64)
-    n_keys = tl.load(kv_len_ptr + b).to(tl.int32)
+    n_keys = tl.minimum(tl.load(kv_len_ptr + b).to(tl.int32), capacity)  # never past the slot, as the spec's slice
 
     m0 = tile * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -191,7 +191,7 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
     """The kernel's grid, arguments and keyword arguments for one call (shapes only: no host sync)."""
     B, L, Hq, D = q.shape
     Hkv = k_pool.shape[1]
-    if Hq % Hkv or k_pool.shape[3] != D or v_pool.shape[1] != Hkv or v_pool.shape[3] != D:
+    if Hq % Hkv or k_pool.shape[3] != D or v_pool.shape[1:] != k_pool.shape[1:]:
         raise ValueError(f"attention: q {tuple(q.shape)} does not fit pools {tuple(k_pool.shape)}, "
                          f"{tuple(v_pool.shape)}")
     group = Hq // Hkv
@@ -202,7 +202,7 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
     fp32 = q.dtype == torch.float32
     dot_dtype = tl.float32 if (fp32 or interpret) else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
     grid = (triton.cdiv(rows, cfg.block_m), Hkv * cfg.d_split, B)  # query tiles fastest: the tiles of one K/V share L2
-    args = (q, k_pool, v_pool, out, slots, kv_len, q_start, L, int(window), float(scale) * LOG2E,
+    args = (q, k_pool, v_pool, out, slots, kv_len, q_start, L, k_pool.shape[2], int(window), float(scale) * LOG2E,
             *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride())
     kwargs = dict(
         D=D, D_PAD=d_pad, GROUP=group, CAUSAL=bool(causal), HAS_WINDOW=bool(causal) and window > 0,
