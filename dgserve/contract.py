@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from typing import Annotated, Any, Literal
 
@@ -244,6 +245,12 @@ def decode_job(raw: str | bytes) -> Job:
     return Job.model_validate_json(raw)
 
 
+def context_needed(prompt_tokens: int, max_new_tokens: int, canvas_length: int) -> int:
+    """Context positions a request needs on a worker: its prompt and its canvases, whole (`ModelInfo.max_context`
+    must hold them)."""
+    return prompt_tokens + math.ceil(max_new_tokens / canvas_length) * canvas_length
+
+
 class IdempotencyRecord(_Model):
     """What an Idempotency-Key names: the request it started and the fingerprint of that request's body."""
 
@@ -311,7 +318,7 @@ redis.call('XADD', KEYS[3], '*', 'e', ARGV[4])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
 local now = redis.call('TIME')
 local min_id = string.format('%d-0', (tonumber(now[1]) - tonumber(ARGV[9])) * 1000)
-redis.call('XADD', KEYS[1], 'MINID', '~', min_id, '*', 'job', ARGV[3])
+redis.call('XADD', KEYS[1], 'MINID', min_id, '*', 'job', ARGV[3])
 if KEYS[4] then redis.call('SET', KEYS[4], ARGV[11], 'EX', tonumber(ARGV[12])) end
 return {1, waiting}
 """

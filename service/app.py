@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dgserve import contract
 from service.broker import REDIS_DOWN, Broker, Overloaded
 from service.deps import Gateway
 from service.edge import BodyLimit, CountRequests
@@ -28,12 +29,14 @@ from service.settings import GatewaySettings
 log = logging.getLogger("dgserve.gateway")
 
 
-async def _refresh_gauges(gateway: Gateway) -> None:
-    """Queue depth, pending requests and live workers, every 2 s, off the request path."""
+async def _watch_workers(gateway: Gateway) -> None:
+    """Every 2 s, off the request path: the live workers' largest context per model (requests that fit none
+    are refused at the door), and the gauges (queue depth, pending requests, live workers)."""
     m = gateway.metrics
     while True:
         try:
             workers = await gateway.broker.workers()
+            gateway.worker_context = live_contexts(workers)
             for name in gateway.registry.models:
                 m.queue_depth.labels(name).set(await gateway.broker.queue_depth(name))
                 m.stream_pending.labels(name).set(await gateway.broker.pending(name))
@@ -42,8 +45,17 @@ async def _refresh_gauges(gateway: Gateway) -> None:
         except REDIS_DOWN:
             m.redis_up.set(0)
         except Exception:  # metrics must never take the gateway down
-            log.exception("refreshing gauges failed")
+            log.exception("watching the workers failed")
         await asyncio.sleep(2.0)
+
+
+def live_contexts(workers: list[contract.WorkerInfo]) -> dict[str, int]:
+    """Model -> the largest max_context among its workers that take work."""
+    out: dict[str, int] = {}
+    for w in workers:
+        if not w.draining:
+            out[w.model.name] = max(out.get(w.model.name, 0), w.model.max_context)
+    return out
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -56,7 +68,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         broker = Broker(settings.redis_url)
         gateway = Gateway(settings=settings, registry=registry, broker=broker, metrics=metrics)
         app.state.gateway = gateway
-        refresher = asyncio.create_task(_refresh_gauges(gateway))
+        refresher = asyncio.create_task(_watch_workers(gateway))
         log.info("gateway ready: models %s (default %s)", sorted(registry.models), registry.default)
         try:
             yield

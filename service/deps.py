@@ -23,6 +23,7 @@ class Gateway:
     broker: Broker
     metrics: GatewayMetrics
     websockets: set[WebSocket] = field(default_factory=set)
+    worker_context: dict[str, int] = field(default_factory=dict)  # model -> largest max_context of a live worker
     connections_per_client: dict[str, int] = field(default_factory=dict)
 
 

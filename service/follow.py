@@ -29,7 +29,8 @@ async def submit_all(gateway: Gateway, jobs: list[contract.Job], tenant: str, re
     return queued
 
 
-ERROR_STATUS = {"cancelled": 499, "timeout": 504, "too_long": 422, "overloaded": 429, "expired": 410}
+ERROR_STATUS = {"cancelled": 499, "timeout": 504, "too_long": 422, "overloaded": 429, "expired": 410,
+                "deadline_exceeded": 504, "numerical_error": 422}
 
 
 async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Callable[[], Awaitable[bool]],

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 
 from dgserve import contract
+from service.deps import Gateway
 from service.registry import Registry, ServedModel
 from service.schemas import GenerateRequest, SamplingFields
 from service.settings import GatewaySettings
@@ -43,7 +44,8 @@ def sampling(model: ServedModel, fields: SamplingFields, settings: GatewaySettin
     return contract.Sampling(seed=seed, eos_token_ids=model.eos_token_ids, **values)
 
 
-def prompt_ids(model: ServedModel, body: GenerateRequest, settings: GatewaySettings) -> list[int]:
+def prompt_ids(model: ServedModel, body: GenerateRequest, settings: GatewaySettings) -> tuple[list[int], str]:
+    """The prompt's token ids, and the field they came from."""
     if body.messages is not None:
         ids = model.encode_messages([m.model_dump() for m in body.messages])
         field = "messages"
@@ -53,7 +55,26 @@ def prompt_ids(model: ServedModel, body: GenerateRequest, settings: GatewaySetti
     if len(ids) > settings.max_prompt_tokens:
         raise field_error(field, f"prompt is {len(ids)} tokens; the limit is {settings.max_prompt_tokens}",
                           None, "too_long", max_tokens=settings.max_prompt_tokens)
-    return ids
+    return ids, field
+
+
+def check_context(model: ServedModel, ids: list[int], field: str, params: contract.Sampling,
+                  limit: int | None) -> None:
+    """A request must fit the context of a live worker for its model (`limit`: the largest; None: unknown, as
+    while no worker runs: the request waits for one)."""
+    needed = contract.context_needed(len(ids), params.max_new_tokens, model.canvas_length)
+    if limit is None or needed <= limit:
+        return
+    culprit = field if len(ids) + model.canvas_length > limit else "max_new_tokens"
+    raise field_error(culprit, f"the prompt ({len(ids)} tokens) and max_new_tokens rounded up to whole canvases "
+                      f"need {needed} positions; the largest context of a live worker for model {model.name!r} "
+                      f"is {limit}", None, "too_long", max_context=limit)
+
+
+def attempt_seed(base: int, attempt: int) -> int:
+    """The seed of the `attempt`-th sample (n > 1, Sudoku attempts) of a request seeded `base`: consecutive,
+    wrapping within the 63 bits a seed has."""
+    return (base + attempt) % 2**63
 
 
 def template_ids(model: ServedModel, body: GenerateRequest) -> dict[int, int] | None:
@@ -87,14 +108,16 @@ def template_ids(model: ServedModel, body: GenerateRequest) -> dict[int, int] | 
     return out
 
 
-def build_job(registry: Registry, settings: GatewaySettings, body: GenerateRequest,
-              stop: list[str] | None = None) -> contract.Job:
-    model = resolve_model(registry, body.model)
+def build_job(gateway: Gateway, body: GenerateRequest, stop: list[str] | None = None) -> contract.Job:
+    settings = gateway.settings
+    model = resolve_model(gateway.registry, body.model)
     params = sampling(model, body, settings)
-    ids = prompt_ids(model, body, settings)
+    ids, field = prompt_ids(model, body, settings)
+    check_context(model, ids, field, params, gateway.worker_context.get(model.name))
     created = time.time()
     return contract.Job(
         request_id=uuid.uuid4().hex, model=model.name, prompt_ids=ids, sampling=params,
         template=template_ids(model, body), stop=stop or [], created_at=created,
-        deadline=created + settings.request_timeout_s,
+        deadline=created + settings.request_timeout_s, max_steps=settings.max_request_steps,
+        max_running_s=settings.max_running_s,
     )

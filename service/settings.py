@@ -7,6 +7,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dgserve.contract import EVENTS_TTL_S
+
 
 def _split(value: object) -> object:
     if isinstance(value, str):
@@ -30,7 +32,11 @@ class GatewaySettings(BaseSettings):
     max_new_tokens: int = Field(4096, ge=1)
     max_denoising_steps: int = Field(1000, ge=1)  # an operator's cap on a request's steps per canvas
     max_queue_depth: int = Field(256, ge=1)  # requests waiting per model before 429
-    request_timeout_s: float = Field(600.0, gt=0)  # a request still queued after this ends with a timeout
+    # a request still queued after this ends with a timeout (its events are kept no longer than EVENTS_TTL_S)
+    request_timeout_s: float = Field(600.0, gt=0, le=EVENTS_TTL_S)
+    # the running deadline: a request past either ends with a `deadline_exceeded` error
+    max_request_steps: int = Field(16_384, ge=1)  # denoising steps, over all of a request's canvases
+    max_running_s: float = Field(600.0, gt=0)  # seconds since a worker took it
     max_body_bytes: int = Field(1_000_000, ge=1024)
     max_ws_message_bytes: int = Field(1_000_000, ge=1024)
     max_connections_per_client: int = Field(64, ge=1)

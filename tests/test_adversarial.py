@@ -33,6 +33,7 @@ AUTH1, AUTH2 = {"Authorization": f"Bearer {K1}"}, {"Authorization": f"Bearer {K2
 PUZZLE = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
 # an untrained model never gets confident: these run their whole step budget (many seconds) unless cancelled
 SLOW = {"max_denoising_steps": 300, "confidence_threshold": 1e-9}
+STEP_BUDGET = 400  # the module's running deadline (DG_MAX_REQUEST_STEPS): more than one SLOW canvas
 
 
 @dataclass
@@ -107,7 +108,7 @@ def adversarial_checkpoint(out: Path) -> Path:
 def attack(tmp_path_factory) -> Iterator[Attack]:
     root = tmp_path_factory.mktemp("adversarial")
     checkpoint = adversarial_checkpoint(root / "adv")
-    env = {"DG_API_KEYS": f"{K1},{K2}", "DG_DEFAULT_MODEL": "adv"}
+    env = {"DG_API_KEYS": f"{K1},{K2}", "DG_DEFAULT_MODEL": "adv", "DG_MAX_REQUEST_STEPS": str(STEP_BUDGET)}
     tally = Tally()
     with Service({"adv": checkpoint}, root, gateway_env=env) as svc:
         worker = svc.up("adv", max_batch=16, lease_ms=2000, heartbeat_interval_s=0.5)
@@ -424,3 +425,65 @@ def test_a_cancel_that_lands_between_take_and_admission_is_kept(tiny_model, tmp_
         server.close()
     print(f"\ncancelled inside the take window: {Counter(kinds)}")
     assert kinds[-1] == "cancelled" and kinds.count("step") < 300, Counter(kinds)
+
+
+# ----------------------------------------------------------------- 9: deadlines, request streams, context
+def test_a_running_request_ends_at_its_step_budget(attack: Attack):
+    """Item 9: a request within every field limit (500 steps a canvas) ends at the deployment's step budget with
+    a clear error event, instead of holding its row to the end."""
+    events = ws_events(attack.svc.ws_url, {"prompt": "long", "max_new_tokens": 162, **SLOW,
+                                           "max_denoising_steps": 500})
+    attack.tally.inputs += 1
+    steps = sum(e["type"] == "step" for e in events)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "deadline_exceeded", events[-1]
+    assert steps == STEP_BUDGET and "limit" in events[-1]["message"]
+    check_one_clean_run(attack, events[:-1] + [events[-1]])
+
+
+def test_finished_requests_leave_the_request_stream(attack: Attack):
+    """Item 9: a request stream holds what waits or runs, not every request ever made."""
+    for i in range(3):
+        assert attack.post("/generate", json={"prompt": f"gone {i}", "max_new_tokens": 16}).status_code == 200
+    assert wait_for(lambda: attack.redis.xlen(contract.request_stream("adv")) == 0, timeout=5)
+
+
+def test_request_streams_are_trimmed_by_age(tmp_path):
+    """Item 9: an entry older than REQUEST_STREAM_MAX_AGE_S (one nobody will ever acknowledge) is trimmed by the
+    next submit. Against a Redis of its own, through the gateway's broker."""
+    from dgserve.redis_server import RedisServer
+    from service.broker import Broker
+
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    try:
+        r = redis.Redis.from_url(server.url)
+        stream = contract.request_stream("ghost")
+        r.xgroup_create(stream, contract.GROUP, id="0", mkstream=True)
+        r.xadd(stream, {contract.JOB_FIELD: "{}"}, id="1-0")  # from 1970
+        job = contract.Job(request_id="fresh", model="ghost", prompt_ids=[1, 2], sampling=contract.Sampling(
+            max_new_tokens=8, max_denoising_steps=4, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
+            confidence_threshold=0.005, seed=0))
+
+        async def submit() -> None:
+            broker = Broker(server.url)
+            await broker.submit(job, tenant="t", max_depth=10)
+            await broker.close()
+
+        asyncio.run(submit())
+        assert [e for e, _ in r.xrange(stream)] != [b"1-0"] and r.xlen(stream) == 1
+    finally:
+        server.close()
+
+
+def test_a_prompt_longer_than_every_worker_context_is_refused_at_the_door(attack: Attack):
+    """Item 9: the worker publishes its max_context (2048); a prompt that cannot fit is a 422 naming the field
+    and the limit, and never takes a queue slot."""
+    assert wait_for(lambda: attack.redis.get(contract.worker_key("w1-adv")), timeout=5)
+    time.sleep(2.5)  # the gateway reads the heartbeats every 2 s
+    before = attack.redis.xinfo_stream(contract.request_stream("adv"))["last-generated-id"]
+    resp = attack.post("/generate", json={"prompt": "x" * 2000})
+    assert resp.status_code == 422, resp.text
+    [error] = resp.json()["detail"]
+    assert error["loc"] == ["body", "prompt"] and "2048" in error["msg"], error
+    v1 = attack.post("/v1/completions", json={"model": "adv", "prompt": "y" * 1000, "max_tokens": 2000})
+    assert v1.status_code == 400 and v1.json()["error"]["param"] == "max_new_tokens", v1.text
+    assert attack.redis.xinfo_stream(contract.request_stream("adv"))["last-generated-id"] == before

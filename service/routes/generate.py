@@ -36,7 +36,7 @@ async def generate(
 ):
     """Idempotency-Key: a retry with the same key and body gets the first request's answer (keys are the
     caller's own, kept as long as the request's events)."""
-    job = await run_in_threadpool(build_job, gateway.registry, gateway.settings, body)
+    job = await run_in_threadpool(build_job, gateway, body)
     idempotency = None if idempotency_key is None else (idempotency_key, fingerprint("/generate", body))
     try:
         [rid] = await submit_all(gateway, [job], tenant, idempotency=idempotency)

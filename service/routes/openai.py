@@ -28,7 +28,7 @@ from dgserve import contract
 from service.broker import Overloaded
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.follow import ERROR_STATUS, expire_at, submit_all, wait_final
-from service.jobs import build_job
+from service.jobs import attempt_seed, build_job
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
 from service.schemas import GenerateRequest
 
@@ -79,15 +79,14 @@ def _jobs(gateway: Gateway, body, prompt: str | None, messages: list[dict] | Non
     if gateway.registry.get(body.model) is None:
         raise OpenAIError(404, f"The model `{body.model}` does not exist; served: {sorted(gateway.registry.models)}",
                           param="model", code="model_not_found")
-    params = body.diffusion_params()
+    base = body.diffusion_params()
     jobs = []
     for i in range(body.n):
-        if "seed" in params and i:
-            params = {**params, "seed": params["seed"] + i}
+        params = {**base, "seed": attempt_seed(base["seed"], i)} if "seed" in base else base
         try:
             generate = GenerateRequest(prompt=prompt, messages=messages, model=body.model, max_new_tokens=max_tokens,
                                        **params)
-            jobs.append(build_job(gateway.registry, gateway.settings, generate, stop=body.stop))
+            jobs.append(build_job(gateway, generate, stop=body.stop))
         except ValidationError as exc:
             raise error_from_validation(exc.errors()) from None
         except RequestValidationError as exc:

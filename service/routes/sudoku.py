@@ -18,7 +18,7 @@ from dgserve import contract
 from dgserve.sudoku import canvas_cells, is_valid_solution, normalize_puzzle, problems
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.follow import error_response, submit_all, wait_final
-from service.jobs import build_job
+from service.jobs import attempt_seed, build_job
 from service.schemas import DiffusionFields, GenerateRequest
 
 router = APIRouter(tags=["sudoku"], dependencies=[ApiKey])
@@ -55,11 +55,11 @@ class SudokuResponse(BaseModel):
 def sudoku_jobs(gateway: Gateway, body: SudokuRequest) -> list[contract.Job]:
     jobs = []
     for i in range(body.attempts):
-        seed = None if body.seed is None else body.seed + i
+        seed = None if body.seed is None else attempt_seed(body.seed, i)
         diffusion = body.model_dump(include=set(DiffusionFields.model_fields))
         generate = GenerateRequest(prompt=body.puzzle, model=body.model, template=body.puzzle, template_hole="0",
                                    max_new_tokens=81, seed=seed, **diffusion)
-        jobs.append(build_job(gateway.registry, gateway.settings, generate))
+        jobs.append(build_job(gateway, generate))
     return jobs
 
 

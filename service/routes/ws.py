@@ -87,7 +87,7 @@ class Session:
             return await self.problem("validation_error", describe(exc.errors()), ref=data.get("ref"))
         gw = self.gateway
         try:
-            job = await run_in_threadpool(build_job, gw.registry, gw.settings, body)
+            job = await run_in_threadpool(build_job, gw, body)
         except RequestValidationError as exc:
             return await self.problem("validation_error", describe(exc.errors()), ref=body.ref)
         try:
