@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shutil
 import subprocess
 import sys
 import time
@@ -439,3 +440,19 @@ def test_dgserve_train_help_is_training_help_under_its_own_name():
     assert sub.returncode == 0 and sub.stdout.decode().startswith("usage: dgserve train sudoku")
     bare = dgserve("train")
     assert bare.returncode == 2 and bare.stderr.decode().startswith("usage: dgserve train")
+
+
+# ----------------------------------------------------------------------------- the README's examples
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_readme_examples_run_as_written_and_print_what_the_readme_shows():
+    """scripts/readme_examples.py starts `dgserve up` with the committed models, runs every example of the
+    README's "Using it" section (curl, the openai client, our client, the CLI) and compares what each prints
+    with the README (ids and wall times masked). A change that alters an output fails here: rerun the script
+    with --write and commit the README."""
+    if not shutil.which("curl"):
+        pytest.skip("the README's curl examples need curl (apt-get install curl)")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "readme_examples.py")], capture_output=True,
+                          text=True, timeout=800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "readme_examples: 7 examples run, 0 problems", proc.stdout
