@@ -88,8 +88,13 @@ def make(B: int, L: int, Hq: int, Hkv: int, D: int, kv_len: list[int], q_start: 
 
 
 def check(inputs: dict) -> torch.Tensor:
-    ours = kernel.attention(**inputs["kernel"]).cpu()
-    ref = spec(**inputs["spec"])
+    return compare(kernel.attention(**inputs["kernel"]), inputs["spec"])
+
+
+def compare(ours: torch.Tensor, spec_inputs: dict) -> torch.Tensor:
+    """The kernel's output against the spec's on the same inputs (tolerances in the module docstring)."""
+    ours = ours.cpu()
+    ref = spec(**spec_inputs)
     assert ours.shape == ref.shape and ours.dtype == ref.dtype
     assert torch.isfinite(ours).all(), "a key the row may not read reached the output"
     tol = tolerance(ref.dtype)
@@ -97,7 +102,7 @@ def check(inputs: dict) -> torch.Tensor:
     worst = (err / (1 + ref.float().abs())).max().item()
     assert worst <= tol, f"max error {worst:.3g} (in units of 1 + |spec|) above {tol:.3g}"
     exact = spec(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
-                    for k, v in inputs["spec"].items()})
+                    for k, v in spec_inputs.items()})
     ours_err = (ours.double() - exact).abs().max().item()
     spec_err = (ref.double() - exact).abs().max().item()
     assert ours_err <= 2 * spec_err + 1e-7, (ours_err, spec_err)
@@ -175,6 +180,45 @@ def test_real_scale_shapes_on_the_gpu(layer, causal):
     kv_len = [1279, 300, 1024 + 256, 256]
     q_start = [n - 256 for n in kv_len] if causal else [0] * 4
     check(make(4, 256, 16, Hkv, D, kv_len, q_start, causal, window, torch.bfloat16))
+
+
+@needs_a_device
+@pytest.mark.skipif(INTERPRET, reason="GPU only (TRITON_INTERPRET=0)")
+def test_the_op_dispatches_to_this_kernel_on_cuda():
+    inputs = make(2, 8, 4, 2, 64, [70, 9], [0, 0], False, 0, torch.bfloat16)["kernel"]
+    args = [inputs[name] for name in inspect.signature(spec).parameters]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = torch.ops.dgserve.attention(*args)
+        torch.cuda.synchronize()
+    assert "_attention_kernel" in {e.name for e in prof.events()}
+    assert torch.equal(out, kernel.attention(*args))
+
+
+@needs_a_device
+@pytest.mark.skipif(INTERPRET, reason="GPU only (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("causal", [False, True], ids=["decoder", "encoder"])
+def test_a_captured_launch_reads_new_slots_lengths_and_starts_on_replay(causal):
+    """Captured once in a CUDA graph; each replay reads slots, kv_len and q_start from the device buffers."""
+    def case(kv_len: list[int], seed: int) -> dict:
+        q_start = [n - 16 for n in kv_len] if causal else [0, 0]
+        return make(2, 16, 8, 2, 256, kv_len, q_start, causal, 40 if causal else 0, torch.bfloat16, capacity=200,
+                    seed=seed)
+
+    def swap_rows(inputs: dict) -> dict:  # the same rows, each in the other's slot
+        return {k: v.flip(0) if k in ("q", "slots", "kv_len", "q_start") else v for k, v in inputs.items()}
+
+    static = case([30, 100], seed=0)["kernel"]
+    kernel.attention(**static)  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel.attention(**static)
+    second = case([130, 17], seed=1)
+    for inputs in (case([30, 100], seed=0), {k: swap_rows(v) for k, v in second.items()}):
+        for name, value in inputs["kernel"].items():
+            if torch.is_tensor(value):
+                static[name].copy_(value)
+        graph.replay()
+        compare(out, inputs["spec"])
 
 
 # the served layers as the engine launches them (26B-A4B, bf16): name -> (KV heads, head dim, causal, window)

@@ -3,8 +3,11 @@ true length in the KV pool; the query heads of one KV head packed into one tile;
 
 One program = one query tile of one (row b, KV head h): its BLOCK_M tile rows are (query position j, group head g)
 pairs, m = j * G + g for query head h * G + g, so each K/V tile it loads serves the whole group, and it loads each
-K/V tile of its range once. Lengths are read in the kernel from device tensors (the grid depends on shapes only, so
-launches are CUDA-graph capturable). The K loop over slot slots[b]:
+K/V tile of its range once. Grid (query tiles, KV heads x D_SPLIT, rows): query tiles fastest, so the programs that
+read one row's K/V run together and share L2. With D_SPLIT 2 (head dim 512) two programs share a tile, each writing
+half of the output columns (see `config`). Lengths are read in the kernel from device tensors (the grid depends on
+shapes only, so launches are CUDA-graph capturable); kv_len is clamped to the slot's capacity, as the spec's slice.
+The K loop over slot slots[b]:
     decoder (bidirectional): keys [0, kv_len[b]): the full BLOCK_N tiles without masks, then one masked tail tile;
     encoder (causal): up to min(kv_len[b], q_start[b] + the tile's last query + 1); with a window, from
         q_start[b] + the tile's first query - window + 1 (rounded down to a tile): whole tiles outside the allowed
@@ -28,6 +31,7 @@ import triton.language as tl
 from worker.fused import _round_bf16
 
 LOG2E = 1.4426950408889634
+DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -157,8 +161,9 @@ def config(d_pad: int, itemsize: int) -> Config:
     """Tiles per head-dim class: fixed (no autotuning at start-up) and independent of the batch size, so that a
     row's result does not depend on how many rows share the launch. Shared memory per program: Q (BLOCK_M x D)
     + num_stages x (K tile BLOCK_N x D + V tile BLOCK_N x D / D_SPLIT); an H200 SM has 228 KB (227 KB a block).
-    Each choice below compiled for sm90 (tests/test_triton_attention.py::test_kernels_compile_for_sm90) to wgmma
-    (Triton gives each 4-warp group 64 tile rows), within shared memory and without register spills.
+    Each choice below compiles for sm90 to wgmma (Triton gives each 4-warp group 64 tile rows), within shared
+    memory, with no spills in the K loop (the served ones are checked by test_triton_attention.py's
+    test_kernels_compile_for_sm90_within_shared_memory_and_registers; D = 256 keeps 16 bytes a thread outside it).
 
     16-bit (the served dtypes):
       D <= 128: 64 x 64, 4 warps, 2 stages: 16 + 2 x 32 = 80 KB.
@@ -167,10 +172,10 @@ def config(d_pad: int, itemsize: int) -> Config:
         64 rows and 8 warps Triton splits N instead: 64 x 32 pieces), and K/V are read from L2 half as often.
       D = 512 (global layers): D_SPLIT 2: two programs per tile, each computing Q K^T in full (1.5x the FLOPs)
         and P @ V for 256 of the 512 output columns; 128 x 32, 8 warps, 2 stages: 128 + 2 x (32 + 16) = 224 KB.
-        Unsplit, the (64, 512) f32 accumulator alone is 128 registers a thread at 8 warps; compiled, that
-        spilled ~440 bytes a thread inside the K loop and split Q K^T into 64 x 16 wgmma pieces. A (128, 256)
-        accumulator per program has the D = 256 register budget and 64 x 32 wgmma for Q K^T. BLOCK_N 64
-        does not fit two stages (288 KB).
+        Unsplit, the (64, 512) f32 accumulator alone is 128 registers a thread at 8 warps; compiled (64 x 32
+        tiles), that spilled to a 448-byte stack with 116 spill loads and stores in each K-loop iteration, and
+        Q K^T went to 64 x 16 wgmma pieces. A (128, 256) accumulator per program has the D = 256 register
+        budget and 64 x 32 wgmma for Q K^T. BLOCK_N 64 does not fit two stages (128 + 2 x 96 = 320 KB).
     32-bit (exact-mode checks; an IEEE fp32 dot runs on CUDA cores, not tensor cores, with its operands in
       registers): 32 x 16, 8 warps, 2 stages, D split in two from 256: the larger tiles spilled.
     """
@@ -199,9 +204,10 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
     d_pad = max(16, triton.next_power_of_2(D))
     cfg = config(d_pad, q.element_size())
     interpret = bool(triton.knobs.runtime.interpret)
-    fp32 = q.dtype == torch.float32
-    dot_dtype = tl.float32 if (fp32 or interpret) else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
-    grid = (triton.cdiv(rows, cfg.block_m), Hkv * cfg.d_split, B)  # query tiles fastest: the tiles of one K/V share L2
+    if q.dtype not in DOT_DTYPES:
+        raise ValueError(f"attention: q's dtype must be one of {list(DOT_DTYPES)}, not {q.dtype}")
+    dot_dtype = tl.float32 if interpret else DOT_DTYPES[q.dtype]
+    grid = (triton.cdiv(rows, cfg.block_m), Hkv * cfg.d_split, B)
     args = (q, k_pool, v_pool, out, slots, kv_len, q_start, L, k_pool.shape[2], int(window), float(scale) * LOG2E,
             *q.stride(), *k_pool.stride(), *v_pool.stride(), *out.stride())
     kwargs = dict(
