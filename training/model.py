@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
+from training.split_layers import use_split_layers
 from worker.checkpoints import tiny_config
 
 # ------------------------------------------------------------------------------------------------- presets
@@ -166,56 +167,6 @@ def use_fused_rms_norm(model: torch.nn.Module) -> int:
             module.forward = MethodType(_fused_rms_norm_forward, module)
             n += 1
     return n
-
-
-# ------------------------------------------------------------------- layers with a compilable half
-
-def feed_forward_half(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Everything of a DiffusionGemma text layer after its attention residual (B, T, H) -> (B, T, H): the dense
-    MLP and the MoE side by side, their norms, the residual, the layer scalar. transformers' code, op for op.
-    It reads no cache and no layer index, so one compiled graph serves every layer of a kind."""
-    residual = hidden_states
-    dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(residual)))
-    flat = residual.reshape(-1, residual.shape[-1])
-    _, top_k_weights, top_k_index = layer.router(flat)
-    moe = layer.experts(layer.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights)
-    moe = layer.post_feedforward_layernorm_2(moe.reshape(residual.shape))
-    return (residual + layer.post_feedforward_layernorm(dense + moe)) * layer.layer_scalar
-
-
-def _split_layer_forward(self, hidden_states: torch.Tensor, position_embeddings: torch.Tensor = None,
-                         attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                         cache=None, **kwargs) -> torch.Tensor:
-    """DiffusionGemma{Encoder,Decoder}TextLayer.forward as attention half (eager: it reads or writes the KV cache
-    by layer index) + `feed_forward_half` (or its compiled graph, `self.dgserve_ffn`)."""
-    attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
-                                 position_embeddings=position_embeddings, attention_mask=attention_mask,
-                                 position_ids=position_ids, cache=cache, **kwargs)
-    hidden_states = hidden_states + self.post_attention_layernorm(attended)
-    return self.dgserve_ffn(self, hidden_states)
-
-
-def text_layers(model: DiffusionGemmaForBlockDiffusion) -> list[torch.nn.Module]:
-    return list(model.model.decoder.layers) + list(model.model.encoder.language_model.layers)
-
-
-def use_split_layers(model: DiffusionGemmaForBlockDiffusion, ffn=feed_forward_half) -> None:
-    """Patch the text layers of `model` (instances, not the class) to run `_split_layer_forward` with `ffn`."""
-    for layer in text_layers(model):
-        layer.forward = MethodType(_split_layer_forward, layer)
-        layer.dgserve_ffn = ffn
-
-
-_COMPILED_FFN: list = []
-
-
-def compile_feed_forward(model: DiffusionGemmaForBlockDiffusion) -> int:
-    """Every layer's feed-forward half through one `torch.compile`d function (graphs per layer class, grad mode
-    and shape: a handful, whatever the depth). Returns the number of layers that use it."""
-    if not _COMPILED_FFN:
-        _COMPILED_FFN.append(torch.compile(feed_forward_half))
-    use_split_layers(model, _COMPILED_FFN[0])
-    return len(text_layers(model))
 
 
 # --------------------------------------------------------------------------------------- forward pieces

@@ -1,11 +1,10 @@
 """One training run's parts and its step, shared by `train` and the `throughput` measurement.
 
 The step is: a batch drawn on the device (no host round trip), the objective under bf16 autocast on CUDA, backward,
-gradient clipping (foreach, no sync), fused AdamW. On CUDA the feed-forward half of every transformer layer (MLP,
-MoE, norms, residuals: most of the FLOPs and nearly all the elementwise kernels) runs as one `torch.compile`d
-function shared by all layers, so start-up stays bounded whatever the depth; it is shown with a heartbeat and paid
-once per process. The attention half stays eager (it reads and writes the KV cache by layer index, which would
-compile once per layer). If compilation fails the run says so and goes on eagerly.
+gradient clipping (foreach, no sync), fused AdamW. On CUDA every transformer layer runs as two `torch.compile`d
+functions shared by all layers (`training/split_layers.py`: projections, norms, RoPE; output projection, MLP, MoE,
+residuals) around the eager KV-cache access and attention kernel, so start-up stays bounded whatever the depth;
+it is shown with a heartbeat and paid once per process. If compilation fails the run says so and goes on eagerly.
 """
 
 from __future__ import annotations
@@ -28,14 +27,13 @@ from training.model import (
     StepOutput,
     build_config,
     build_model,
-    compile_feed_forward,
     diffusion_loss,
     param_bytes,
     param_count,
     storage_dtype,
     unique_parameters,
-    use_split_layers,
 )
+from training.split_layers import compile_split_layers, use_split_layers
 from training.tasks import SudokuTask, Task, TextTask
 
 # dense bf16 tensor-core peaks (FLOP/s) of the cards we may be lent, for the share of the card a run uses
@@ -171,7 +169,7 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     if cfg.compile:
         if cfg.safe:
             raise SystemExit("--compile needs the fast layers: drop --safe")
-        compile_feed_forward(model)
+        compile_split_layers(model)
     return run
 
 
