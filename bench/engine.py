@@ -10,8 +10,8 @@ CPU, small checkpoint (issue 3):
 GPU, the real 26B-A4B architecture at random weights (fixed 16 steps: random weights never stop early):
     python bench/engine.py --realscale [--scale tiny]
   1024 prompt / 1024 new tokens at 1, 4, 16, 32 concurrent requests (and 64 for ours), ours vs generate().
-    --experts grouped_mm,batched_mm,eager   the same runs once per transformers experts implementation
     --quantization int4                     weight-only int4 text layers (the 24 GB mode), built layer by layer
+  Ours runs its own layer forward (worker/ops); generate() runs transformers' modules with their default experts.
 """
 
 from __future__ import annotations
@@ -398,13 +398,10 @@ def realscale_main(args) -> dict:
         write(out, path)
 
     max_c = max(args.concurrency)
-    runs = [(mode, impl) for impl in args.experts for mode in args.modes]
-    for mode, impl in runs:
+    for mode in args.modes:
         decode_mode, sampler = mode.split("+")
-        key = mode if len(args.experts) == 1 else f"{mode} {impl}"
-        if impl != "auto" and args.quantization == "none":
-            model.set_experts_implementation(impl)
-        if impl == "eager" or args.quantization != "none":  # a host-side loop over experts: not capturable
+        key = mode
+        if args.quantization != "none":  # quantized weights run the plain-torch ops: nothing to capture
             decode_mode = decode_mode.replace("graphs", "eager")
         try:
             t = time.time()
@@ -413,7 +410,7 @@ def realscale_main(args) -> dict:
                                                 sample_chunk_rows=args.chunk_rows))
             out["ours"][key] = {"setup_s": round(time.time() - t, 1), "decode_mode": engine.decode_mode,
                                 "sampler": engine.sampler_mode, "state_per_request": state_bytes_per_request(engine),
-                                "experts_implementation": model.config.get_text_config()._experts_implementation}
+                                "startup_s": round(info["build_s"] + time.time() - t, 1)}
             print(f"engine {key}: set up in {time.time() - t:.1f}s; state per request "
                   f"{out['ours'][key]['state_per_request']}", flush=True)
             run_engine(engine, realscale_workload(1, vocab, prompt_len, 256, 7), steps, "warm-up")
@@ -563,9 +560,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-concurrency", type=ints, default=[1, 4, 16, 32], help="empty: no reference runs")
     p.add_argument("--modes", type=lambda s: s.split(","), default=["graphs+fused"],
                    help="decode_mode+sampler pairs for ours, e.g. graphs+fused,eager+exact")
-    p.add_argument("--experts", type=lambda s: s.split(","), default=["auto"],
-                   help="transformers experts implementations to compare, e.g. grouped_mm,batched_mm,eager "
-                        "(default: the model's own choice)")
     p.add_argument("--quantization", default="none", choices=["none", "int4", "int8", "fp8"],
                    help="weight-only quantization of the text layers (worker/quantize.py), layer by layer as built")
     p.add_argument("--profile-batch", type=int, default=32)

@@ -234,9 +234,9 @@ def scale(records: list[dict], layer_of: list[int | None], layer_types: list[str
 
 
 # ------------------------------------------------------------------- model
-def build(config: str, vocab: int):
-    """The 26B-A4B architecture (or `tiny`) cut to two decoder layers (sliding, global), bf16 random weights on the
-    CPU. The encoder layers are dropped: the step reads a pool filled directly."""
+def build(config: str, vocab: int, device: str | torch.device = "cpu"):
+    """The 26B-A4B architecture (or `tiny`) cut to two layers (sliding, global), bf16 random weights. Encoder and
+    decoder layers share their weights, as in the checkpoint."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, Gemma4VisionConfig
 
     text = dict(CONFIGS[config], vocab_size=vocab, num_hidden_layers=2,
@@ -249,11 +249,11 @@ def build(config: str, vocab: int):
         model = DiffusionGemmaForBlockDiffusion(cfg)
     torch.set_default_dtype(torch.float32)
     model.model.encoder.language_model.layers = torch.nn.ModuleList()
-    model = model.to_empty(device="cpu")
-    table = model.model.decoder.embed_tokens.weight  # the checkpoint's ties of the embedding (its layers' ties
-    model.lm_head.weight = table  # to the encoder do not matter: the encoder layers are gone)
+    model = model.to_empty(device=device)
+    table = model.model.decoder.embed_tokens.weight  # the checkpoint's ties, made by hand (tie_weights() wants
+    model.lm_head.weight = table  # the encoder layers as modules of their own class; the runner reads weights only)
     model.model.encoder.language_model.embed_tokens.weight = table
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -265,11 +265,12 @@ def build(config: str, vocab: int):
                 b.fill_(1.0)
         for mod in model.modules():  # non-persistent buffers that to_empty left empty
             if mod.__class__.__name__.endswith("RotaryEmbedding"):
-                fresh = mod.__class__(mod.config)
+                fresh = mod.__class__(mod.config, device=device)
                 for bn, bv in fresh.named_buffers():
                     getattr(mod, bn).copy_(bv)
             if hasattr(mod, "scalar_embed_scale"):
                 mod.embed_scale.fill_(mod.scalar_embed_scale)
+    model.model.encoder.language_model.layers = model.model.decoder.layers
     return model.eval()
 
 

@@ -1,60 +1,56 @@
 #!/usr/bin/env bash
-# Everything that needs the lent GPU, in two calls that each fit one device command (bench, then training).
-# Results are written under $OUT (at most 8 files come back); copy them into bench/results/ and models/.
+# Everything that needs the lent GPU, one mode per device call (each fits the 10-minute command limit). Results go
+# under $OUT, tagged with the card (e.g. gpu_checks_h200.json); copy them into bench/results/ and commit them.
 #
-#   bash scripts/gpu_run.sh bench   # GPU checks, realscale engine benchmark (ours vs generate()), sampler profile
-#   bash scripts/gpu_run.sh train   # trains models/sudoku and models/text side by side, packs them
-#   bash scripts/gpu_run.sh moe     # issue 9: grouped_mm vs batched_mm vs eager experts, ours at 1 and 32
-#   bash scripts/gpu_run.sh int4    # issue 9: the 24 GB mode (int4 text layers): peak memory, tok/s at 1 and 8
-#   bash scripts/gpu_run.sh kernels # issue 9: where the batch-32 step goes, kernel by kernel (torch.profiler)
-#   BUDGET=500 bash scripts/gpu_run.sh sudoku   # issue 4: continue models/sudoku for BUDGET seconds, pack it
+#   bash scripts/gpu_run.sh check    # ~4 min: the Triton kernels' tests compiled on the device (TRITON_INTERPRET=0),
+#                                    #   Triton vs plain-torch forward at the real shapes, graphs vs eager tokens
+#   bash scripts/gpu_run.sh bench    # ~9 min: 26B-A4B ours (graphs + fused) at 1, 4, 16, 32, 64 vs generate() at
+#                                    #   1, 4, 16, 32 (1024 in / 1024 out, 16 steps), start-up seconds, step profile
+#   bash scripts/gpu_run.sh kernels  # ~5 min: the batch-32 and batch-1 steps kernel by kernel (torch.profiler)
+#   bash scripts/gpu_run.sh int4     # ~5 min: the 24 GB mode, peak memory and tok/s at 1 and 8
+#   bash scripts/gpu_run.sh train    # <= 9 min: both embedded checkpoints from their current weights (issue 17)
 #
-# Needs: `.whl/` with transformers>=5.24 (the image has an older one), torchao>=0.18 for `int4` (the image has
-# none; `pip download --no-deps torchao==0.18.0 transformers==5.24.0 -d .whl`) and, for `train`,
-# build/corpus.jsonl.gz.
+# Needs `.whl/` carried (the image has transformers 5.17; DiffusionGemma needs 5.24): `pip download --no-deps
+# transformers==5.24.0 torchao==0.18.0 -d .whl`. Try it first with a short timeout: `check` fails fast.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/dg-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
 export PYTHONPATH="/tmp/site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+CARD=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())" 2>/dev/null || echo gpu)
+quiet() { grep -v -e "Loading weights" -e "^Failed to load .*torchao" -e "_pytree.py"; }
 
 case "${1:-}" in
-  bench)
-    timeout 100 python3 scripts/gpu_checks.py "$OUT/gpu_checks.json" 2>&1 | tail -25
-    timeout 270 python3 bench/engine.py --realscale --modes graphs+fused --budget-s 255 \
-      --out "$OUT/engine_realscale.json" 2>&1 | grep -v "Loading weights"
-    timeout 75 python3 bench/engine.py --realscale --ref-concurrency "" --concurrency 32 --modes graphs+exact \
-      --profile-batch 32 --budget-s 70 --out "$OUT/engine_realscale_exact.json" 2>&1 | grep -v "Loading weights"
+  check)
+    TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_norms.py \
+      tests/test_triton_attention.py tests/test_triton_moe.py 2>&1 | tail -15 | tee "$OUT/triton_tests_$CARD.txt"
+    timeout 240 python3 scripts/gpu_checks.py "$OUT/gpu_checks_$CARD.json" 2>&1 | quiet | tail -30
     ;;
-  moe)
-    timeout 290 python3 bench/engine.py --realscale --experts grouped_mm,batched_mm,eager --ref-concurrency "" \
-      --concurrency 1,32 --new-tokens 256 --modes graphs+fused --profile-batch 32 --budget-s 280 \
-      --out "$OUT/engine_realscale_experts.json" 2>&1 | grep -v "Loading weights"
+  bench)
+    timeout 560 python3 bench/engine.py --realscale --modes graphs+fused --concurrency 1,4,16,32,64 \
+      --ref-concurrency 1,4,16,32 --profile-batch 32 --budget-s 540 --out "$OUT/engine_realscale_$CARD.json" 2>&1 | quiet
     ;;
   kernels)
-    timeout 290 python3 bench/engine.py --realscale --ref-concurrency "" --concurrency 32 --new-tokens 256 \
+    timeout 290 python3 bench/engine.py --realscale --ref-concurrency "" --concurrency 1,32 --new-tokens 256 \
       --modes static+fused --profile-batch 32 --kernels --budget-s 280 \
-      --out "$OUT/engine_realscale_kernels.json" 2>&1 | grep -v "Loading weights"
+      --out "$OUT/engine_realscale_kernels_$CARD.json" 2>&1 | quiet
     ;;
   int4)
     timeout 290 python3 bench/engine.py --realscale --quantization int4 --concurrency 1,8 --ref-concurrency 1,8 \
       --new-tokens 512 --modes eager+fused --profile-batch 8 --chunk-rows 4 --budget-s 280 \
-      --out "$OUT/engine_realscale_int4.json" 2>&1 | grep -v "Loading weights"
-    ;;
-  sudoku)
-    timeout $(( ${BUDGET:-500} + 60 )) python3 -m training sudoku --out /tmp/dg-models/sudoku --init models/sudoku \
-      --max-seconds "${BUDGET:-500}" --device cuda --batch-size 1024 2>&1 | tail -40
-    tar czf "$OUT/sudoku.tar.gz" -C /tmp/dg-models sudoku && cp /tmp/dg-models/sudoku/dgserve.json "$OUT/"
+      --out "$OUT/engine_realscale_int4_$CARD.json" 2>&1 | quiet
     ;;
   train)
-    timeout 290 python3 -m training gpu --out /tmp/dg-models --budget "${BUDGET:-240}" --pack "$OUT" \
+    timeout 560 python3 -m training gpu --out /tmp/dg-models --budget "${BUDGET:-420}" --pack "$OUT" \
       --corpus build/corpus.jsonl.gz
     ;;
-  *) echo "usage: $0 bench|train|moe|int4|kernels|sudoku"; exit 2 ;;
+  *) echo "usage: $0 check|bench|kernels|int4|train"; exit 2 ;;
 esac
 ls -la "$OUT"
