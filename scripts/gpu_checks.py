@@ -128,7 +128,7 @@ def check_forward(results: dict, device: torch.device, small: bool) -> None:
         block.soft.copy_(soft[:n])
         triton_runner._fill(block, n, list(range(n)), [])
         for name, runner in (("triton", triton_runner), ("plain", plain_runner)):
-            out[f"decode_2_layers_{n}_rows_ms_{name}"] = _timed(lambda r=runner: r.decoder_forward(block), device)
+            out[f"decode_2_layers_{n}_rows_ms_{name}"] = _timed(lambda r=runner, b=block: r.decoder_forward(b), device)
     results["forward_triton_vs_plain"] = out
 
 
