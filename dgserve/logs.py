@@ -8,7 +8,7 @@ import re
 import sys
 import time
 
-_SECRET = re.compile(r"(api_key=|token=|authorization: ?bearer )[^\s&\"']+", re.IGNORECASE)
+_SECRET = re.compile(r"(api(?:_|%5f)key=|token=|authorization: ?bearer )[^\s&\"']+", re.IGNORECASE)
 
 
 class RedactSecrets(logging.Filter):

@@ -9,22 +9,24 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from dgserve import contract
 from service.broker import REDIS_DOWN, Broker, Overloaded
 from service.deps import Gateway
-from service.edge import BodyLimit, CountRequests
+from service.edge import BodyLimit, CountRequests, InternalErrors, safe_errors
 from service.metrics import GatewayMetrics
 from service.registry import Registry
-from service.routes import generate, health, openai, playground, sudoku, ws
+from service.routes import generate, health, openai, playground, requests, sudoku, ws
 from service.settings import GatewaySettings
+from service.strictjson import JsonProblem, printable
 
 log = logging.getLogger("dgserve.gateway")
 
@@ -79,11 +81,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     # no /docs or /redoc: FastAPI loads their pages from a CDN, blank offline; /openapi.json stays
     app = FastAPI(title="dgserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="DiffusionGemma serving: continuous batching, every denoising step streamed.")
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(CountRequests, metrics=metrics)  # pure ASGI: routes still see the client leave
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"])
 
     def error(request: Request, status: int, message: str, code: str, headers: dict | None = None,
               kind: str = "server_error") -> JSONResponse:
@@ -91,6 +88,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if request.url.path.startswith("/v1"):
             return openai.OpenAIError(status, message, kind, None, code, headers).response()
         return JSONResponse({"detail": message, "code": code}, status_code=status, headers=headers)
+
+    def internal(scope: Scope) -> JSONResponse:
+        return error(Request(scope), 500, "internal error", "internal_error")
+
+    # pure ASGI, innermost first: routes still see the client leave, and a 500 keeps its connection
+    app.add_middleware(InternalErrors, respond=internal)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -101,9 +109,19 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
+        errors = safe_errors(exc.errors())
         if request.url.path.startswith("/v1"):
-            return openai.error_from_validation(list(exc.errors())).response()
-        return await request_validation_exception_handler(request, exc)
+            return openai.error_from_validation(errors).response()
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(JsonProblem)
+    async def not_strict_json(request: Request, exc: JsonProblem):
+        if request.url.path.startswith("/v1"):
+            param = ".".join(str(p) for p in exc.path) or None
+            return openai.OpenAIError(400, printable(exc.describe()), param=param, code="invalid_json").response()
+        loc = ["body", *(printable(p) for p in exc.path)]
+        return JSONResponse({"detail": [{"type": "json_invalid", "loc": loc, "msg": printable(exc.message)}]},
+                            status_code=422)
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded):
@@ -118,15 +136,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             return error(request, 503, "queue unavailable (Redis unreachable); retry later", "unavailable",
                          {"Retry-After": str(settings.retry_after_s)})
 
-    @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return error(request, 500, "internal error", "internal_error")
-
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(ws.router)
     app.include_router(openai.router)
     app.include_router(sudoku.router)
+    app.include_router(requests.router)
     app.include_router(playground.router)
     return app

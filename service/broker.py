@@ -118,6 +118,20 @@ class Broker:
                     if event.type in contract.FINAL_TYPES:
                         return
 
+    async def events_from(self, request_id: str, offset: int) -> AsyncIterator[tuple[str, contract.RawEvent]]:
+        """The request's events after the first `offset` (those a resuming client already has); nothing if
+        those included the final one."""
+        seen = await self.redis.xrange(contract.events_key(request_id), count=offset) if offset > 0 else []
+        if seen and contract.RawEvent(seen[-1][1][contract.EVENT_FIELD.encode()]).type in contract.FINAL_TYPES:
+            return
+        async for item in self.events(request_id, seen[-1][0].decode() if seen else "0-0"):
+            yield item
+
+    async def owner(self, request_id: str) -> str | None:
+        """The tenant that submitted a request (None: no such request is kept)."""
+        tenant = await self.redis.hget(contract.request_key(request_id), "tenant")
+        return tenant.decode() if tenant is not None else None
+
     async def expire_if_queued(self, request_id: str) -> bool:
         """End a request that no worker took before its deadline (a `timeout` error event)."""
         event = contract.Error(request_id=request_id, code="timeout",

@@ -7,10 +7,19 @@ non-streaming request whose client hung up would run to the end.
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
 from fastapi.responses import JSONResponse
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import GatewayMetrics
+from service.strictjson import INT_MAX, INT_MIN, printable
+
+log = logging.getLogger("dgserve.gateway")
 
 
 class CountRequests:
@@ -76,3 +85,55 @@ class _TooLarge(Exception):
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+class InternalErrors:
+    """An exception in a route answers 500 (in its API's shape, from `respond`) and the connection lives on.
+
+    Starlette's own handler for `Exception` re-raises after answering, and the server then drops the
+    connection: the client's next request on it would meet a reset.
+    """
+
+    def __init__(self, app: ASGIApp, respond: Callable[[Scope], Response]):
+        self.app, self.respond = app, respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if not started:  # else the answer is half sent: the server closes the connection
+                await self.respond(scope)(scope, receive, send)
+
+
+def safe_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Validation errors that always encode, without echoing large or unprintable input."""
+    out = []
+    for e in errors:
+        item: dict[str, Any] = {"type": e.get("type"), "msg": printable(e.get("msg", "")),
+                                "loc": [p if isinstance(p, int) else printable(p) for p in e.get("loc", ())]}
+        if _echoable(e.get("input")):
+            item["input"] = e["input"]
+        if e.get("ctx"):
+            item["ctx"] = {k: v if _echoable(v) else printable(v) for k, v in e["ctx"].items()}
+        out.append(item)
+    return out
+
+
+def _echoable(value: Any) -> bool:
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return INT_MIN <= value <= INT_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and len(value) <= 200 and printable(value) == value

@@ -63,7 +63,7 @@ async def wait_final(gateway: Gateway, rid: str, model: str, disconnected: Calla
             gateway.metrics.e2e.labels(model).observe(time.monotonic() - started)
             gateway.metrics.finished.labels(model, final.type if final.type == "done" else final.code).inc()
             return final
-        await gateway.broker.cancel(rid)
+        await gateway.client_left(rid)
         gateway.metrics.finished.labels(model, "client_disconnected").inc()
         return contract.Error(request_id=rid, code="cancelled", message="client disconnected")
     finally:

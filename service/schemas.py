@@ -11,21 +11,25 @@ from dgserve.contract import Usage
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(min_length=1, max_length=1_000_000)
 
 
 class DiffusionFields(BaseModel):
-    """The reference sampler's parameters; None means the checkpoint's generation config."""
+    """The reference sampler's parameters; None means the checkpoint's generation config.
 
-    model_config = ConfigDict(extra="forbid")
+    Every request body is strict: a string is never taken for a number or a boolean (`"stream": "yes"`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_denoising_steps: int | None = Field(None, ge=1, le=1000)
     entropy_bound: float | None = Field(None, gt=0, le=10_000)
     t_min: float | None = Field(None, ge=0, le=100)
-    t_max: float | None = Field(None, gt=0, le=100)
+    # the schedule's lowest temperature is about t_max / max_denoising_steps: below 0.01 the scaled logits
+    # overflow and every entropy is NaN
+    t_max: float | None = Field(None, ge=0.01, le=100)
     stability_threshold: int | None = Field(None, ge=0, le=1000)
     confidence_threshold: float | None = Field(None, gt=0, le=100)
 
@@ -50,7 +54,9 @@ class GenerateRequest(SamplingFields):
         description="canvas template: token ids (null for a hole) per canvas position, or text in which "
                     "`template_hole` marks the holes; fixed positions are clamped at every step",
     )
-    template_hole: str = Field("_", min_length=1, max_length=8)
+    template_hole: str = Field("_", min_length=1, max_length=1,
+                               description="the character that marks a hole in a text template (one character: "
+                                           "each character of the template is one canvas position)")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -65,7 +71,7 @@ class WsGenerate(GenerateRequest):
 
 
 class WsCancel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["cancel"]
     request_id: str | None = Field(None, max_length=128, description="omit to cancel every request")

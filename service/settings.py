@@ -38,6 +38,7 @@ class GatewaySettings(BaseSettings):
     max_request_steps: int = Field(16_384, ge=1)  # denoising steps, over all of a request's canvases
     max_running_s: float = Field(600.0, gt=0)  # seconds since a worker took it
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    read_timeout_s: float = Field(20.0, gt=0)  # a request's headers and body must arrive within this
     max_ws_message_bytes: int = Field(1_000_000, ge=1024)
     max_connections_per_client: int = Field(64, ge=1)
     api_keys: Annotated[list[str], NoDecode] = []

@@ -9,7 +9,9 @@ duplicated (must be 0), and whether the worker was alive after each test (each t
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import socket
 import string
 import time
 from collections import Counter
@@ -33,7 +35,9 @@ AUTH1, AUTH2 = {"Authorization": f"Bearer {K1}"}, {"Authorization": f"Bearer {K2
 PUZZLE = "530070000600195000098000060800060003400803001700020006060000280000419005000080079"
 # an untrained model never gets confident: these run their whole step budget (many seconds) unless cancelled
 SLOW = {"max_denoising_steps": 300, "confidence_threshold": 1e-9}
-STEP_BUDGET = 400  # the module's running deadline (DG_MAX_REQUEST_STEPS): more than one SLOW canvas
+STEP_BUDGET = 200  # the module's running deadline (DG_MAX_REQUEST_STEPS): more than one SLOW canvas
+READ_TIMEOUT_S = 1.5  # the module's DG_READ_TIMEOUT_S
+CHEAP = {"max_new_tokens": 8, "max_denoising_steps": 2}
 
 
 @dataclass
@@ -63,6 +67,28 @@ class Attack:
         self.svc, self.worker, self.tally = svc, worker, tally
         self.redis = redis.Redis.from_url(svc.redis.url)
         self.http = httpx.Client(base_url=svc.url, timeout=120, headers=AUTH1)  # one keep-alive connection
+
+    def raw(self, method: str, path: str, body: bytes | str = b"", headers: dict | None = None) -> tuple[int, str]:
+        """One request on the module's raw keep-alive connection, then a probe on the same connection: a
+        server that answered and then dropped it counts as a dropped connection."""
+        body = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+        head = {"Content-Type": "application/json", **AUTH1, **(headers or {})}
+        answers = []
+        conn = http.client.HTTPConnection("127.0.0.1", self.svc.port, timeout=60)
+        for m, p, b in ((method, path, body), ("GET", "/healthz", b"")):
+            try:
+                conn.request(m, p, body=b, headers=head)
+                resp = conn.getresponse()
+                answers.append((resp.status, resp.read().decode("utf-8", "replace")))
+            except (OSError, http.client.HTTPException) as exc:
+                self.tally.inputs += 1
+                self.tally.dropped.append(f"{method} {path} {body[:60]!r}: {exc!r}")
+                conn.close()
+                raise AssertionError(f"connection dropped: {exc!r}") from None
+        conn.close()
+        self.tally.answer(answers[0][0])
+        assert answers[1][0] == 200
+        return answers[0]
 
     def post(self, path: str, headers: dict | None = None, **kwargs) -> httpx.Response:
         try:
@@ -108,7 +134,8 @@ def adversarial_checkpoint(out: Path) -> Path:
 def attack(tmp_path_factory) -> Iterator[Attack]:
     root = tmp_path_factory.mktemp("adversarial")
     checkpoint = adversarial_checkpoint(root / "adv")
-    env = {"DG_API_KEYS": f"{K1},{K2}", "DG_DEFAULT_MODEL": "adv", "DG_MAX_REQUEST_STEPS": str(STEP_BUDGET)}
+    env = {"DG_API_KEYS": f"{K1},{K2}", "DG_DEFAULT_MODEL": "adv", "DG_MAX_REQUEST_STEPS": str(STEP_BUDGET),
+           "DG_READ_TIMEOUT_S": str(READ_TIMEOUT_S)}
     tally = Tally()
     with Service({"adv": checkpoint}, root, gateway_env=env) as svc:
         worker = svc.up("adv", max_batch=16, lease_ms=2000, heartbeat_interval_s=0.5)
@@ -275,7 +302,7 @@ def test_a_worker_frozen_past_its_lease_runs_each_request_once(attack: Attack):
     duplicate steps), rather than reclaiming its own requests a second time."""
     import signal
 
-    body = {"prompt": "freeze", "max_new_tokens": 81, **SLOW}
+    body = {"prompt": "freeze", "max_new_tokens": 81, **SLOW, "max_denoising_steps": 120}
 
     async def scenario() -> list[list[dict]]:
         streams: list[list[dict]] = [[], []]
@@ -300,7 +327,7 @@ def test_a_worker_frozen_past_its_lease_runs_each_request_once(attack: Attack):
         attack.tally.inputs += 1
         assert not any(e["type"] == "restarted" for e in events)
         check_one_clean_run(attack, events)
-        assert events[-1]["type"] == "done" and events[-1]["usage"]["denoising_steps"] == 300
+        assert events[-1]["type"] == "done" and events[-1]["usage"]["denoising_steps"] == 120
 
 
 def test_a_woken_worker_whose_lease_was_taken_drops_the_row(attack: Attack):
@@ -334,6 +361,7 @@ def test_a_woken_worker_whose_lease_was_taken_drops_the_row(attack: Attack):
             info = json.loads(attack.redis.get(contract.worker_key("w1-adv")))
             # the other worker would end it; here the test does
             attack.redis.xack(stream, contract.GROUP, entry["message_id"])
+            attack.redis.xdel(stream, entry["message_id"])
             await ws.send(json.dumps({"type": "cancel", "request_id": rid}))
             return before, after, info
 
@@ -442,9 +470,12 @@ def test_a_running_request_ends_at_its_step_budget(attack: Attack):
 
 def test_finished_requests_leave_the_request_stream(attack: Attack):
     """Item 9: a request stream holds what waits or runs, not every request ever made."""
+    stream = contract.request_stream("adv")
+    before = attack.redis.xinfo_stream(stream)["last-generated-id"].decode()
     for i in range(3):
         assert attack.post("/generate", json={"prompt": f"gone {i}", "max_new_tokens": 16}).status_code == 200
-    assert wait_for(lambda: attack.redis.xlen(contract.request_stream("adv")) == 0, timeout=5)
+    assert attack.redis.xinfo_stream(stream)["last-generated-id"].decode() != before
+    assert wait_for(lambda: not attack.redis.xrange(stream, min="(" + before), timeout=5)
 
 
 def test_request_streams_are_trimmed_by_age(tmp_path):
@@ -487,3 +518,215 @@ def test_a_prompt_longer_than_every_worker_context_is_refused_at_the_door(attack
     v1 = attack.post("/v1/completions", json={"model": "adv", "prompt": "y" * 1000, "max_tokens": 2000})
     assert v1.status_code == 400 and v1.json()["error"]["param"] == "max_new_tokens", v1.text
     assert attack.redis.xinfo_stream(contract.request_stream("adv"))["last-generated-id"] == before
+
+
+# ----------------------------------------------------------------- 7, 8, 13: malformed and hostile input
+DEEP = "[" * 50_000 + "]" * 50_000
+HOSTILE_HTTP = [
+    ("/generate", '{"prompt": "x", "entropy_bound": NaN}', "entropy_bound"),
+    ("/generate", '{"prompt": "x", "t_max": Infinity}', "t_max"),
+    ("/generate", '{"prompt": "x", "t_min": -Infinity}', "t_min"),
+    ("/generate", '{"prompt": "x", "confidence_threshold": 1e400}', "confidence_threshold"),
+    ("/generate", '{"prompt": "\\ud800"}', "prompt"),
+    ("/generate", '{"messages": [{"role": "user", "content": "\\udfff"}]}', "content"),
+    ("/generate", '{"prompt": "x", "template": "\\ud800__"}', "template"),
+    ("/generate", '{"prompt": "x", "model": "\\ud800"}', "model"),
+    ("/generate", '{"prompt": "x", "\\ud800": 1}', ""),
+    ("/generate", '{"prompt": "x", "seed": 99999999999999999999999999}', "seed"),
+    ("/generate", '{"prompt": "x", "max_new_tokens": ' + "9" * 5000 + "}", ""),
+    ("/generate", '{"prompt": ' + DEEP + "}", ""),
+    ("/generate", "[" * 100_000, ""),
+    ("/generate", '{"prompt": "x", "t_max": 1e-39}', "t_max"),  # item 8
+    ("/generate", '{"prompt": "x", "template": "a__b", "template_hole": "__"}', "template_hole"),  # item 13
+    ("/generate", '{"prompt": "x", "seed": "12"}', "seed"),
+    ("/v1/completions", '{"model": "adv", "prompt": "x", "t_max": NaN}', "t_max"),
+    ("/v1/completions", '{"model": "adv", "prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", '{"model": "adv", "prompt": ' + DEEP + "}", ""),
+    ("/v1/completions", '{"model": "adv", "prompt": "x", "stop": ["\\ud800"]}', "stop"),
+    ("/v1/completions", '{"model": "adv", "prompt": "x", "max_tokens": 1e999}', "max_tokens"),
+    ("/v1/completions", '{"model": "adv", "prompt": "x", "stream": "yes"}', "stream"),  # item 13
+    ("/v1/completions", '{"model": "adv", "prompt": "x", "t_max": 1e-39, "stream": true, "diffusing": true}',
+     "t_max"),  # item 8
+    ("/v1/chat/completions", '{"model": "adv", "messages": [{"role": "user", "content": "\\ud800"}]}', "content"),
+    ("/v1/chat/completions", '{"model": "\\udbff", "messages": []}', "model"),
+    ("/sudoku", '{"puzzle": "' + PUZZLE + '", "model": "adv", "t_min": NaN}', "t_min"),
+    ("/sudoku", '{"puzzle": "\\ud800", "model": "adv"}', "puzzle"),
+]
+
+
+@pytest.mark.parametrize("path, body, field", HOSTILE_HTTP, ids=[f"{p}:{b[:40]}" for p, b, _ in HOSTILE_HTTP])
+def test_hostile_json_gets_a_4xx_naming_where_and_the_connection_lives(attack: Attack, path, body, field):
+    """Items 7, 8, 13: NaN, Infinity, overflowing numbers, lone surrogates, deep nesting, huge integers, strings
+    for numbers, a temperature whose entropies would be NaN, a multi-character hole: a 4xx that names the field,
+    on a connection that serves the next request."""
+    status, text = attack.raw("POST", path, body)
+    assert 400 <= status < 500, (status, text[:300])
+    assert field in text, text[:300]
+    assert "Traceback" not in text
+
+
+def test_sudoku_and_n_choices_take_the_largest_seed(attack: Attack):
+    """Items 7, 13: seed 2^63-1 is valid: its attempts and choices wrap, rather than 500 or 400."""
+    top = 2**63 - 1
+    status, text = attack.raw("POST", "/sudoku", json.dumps({"puzzle": PUZZLE, "model": "adv", "attempts": 8,
+                                                            "seed": top, "max_denoising_steps": 2}))
+    assert status == 200, text[:300]
+    client = openai.OpenAI(base_url=attack.svc.url + "/v1", api_key=K1, max_retries=0, timeout=60)
+    out = client.completions.create(model="adv", prompt="x", max_tokens=8, n=2, seed=top,
+                                    extra_body={"max_denoising_steps": 2})
+    attack.tally.answer(200)
+    assert [c.index for c in out.choices] == [0, 1]
+
+
+def test_a_diffusing_stream_that_errors_says_so(attack: Attack):
+    """Item 8: a /v1 diffusing stream whose request ends in an error carries that error, not just [DONE]."""
+    client = openai.OpenAI(base_url=attack.svc.url + "/v1", api_key=K1, max_retries=0, timeout=120)
+    with pytest.raises(openai.APIError) as err:
+        for _ in client.completions.create(model="adv", prompt="x", max_tokens=81, stream=True, extra_body={
+                "diffusing": True, **SLOW, "max_denoising_steps": 500}):
+            pass
+    attack.tally.answer(200)
+    assert "limit" in str(err.value), err.value
+
+
+def test_hostile_websocket_messages_get_error_events_and_spare_the_others(attack: Attack):
+    """Item 7: a 100,000-deep message, NaN, surrogates and huge integers on a connection that runs a request:
+    each gets an error event, the connection stays open and its request runs to the end."""
+    messages = ["[" * 100_000 + "]" * 100_000, '{"type": "generate", "prompt": "x", "t_max": NaN}',
+                '{"type": "generate", "prompt": "\\ud800"}', '{"type": "generate", "prompt": "x", "seed": 1e999}',
+                '{"type": "cancel", "request_id": "\\udc00"}', '{"type": "generate", "prompt": "x", "ref": [[[1]]]}',
+                '{"type": "resume", "request_id": "x", "offset": 99999999999999999999999}']
+
+    async def scenario() -> tuple[list[dict], list[dict]]:
+        async with websockets.connect(attack.svc.ws_url, additional_headers=AUTH1, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "generate", "prompt": "bystander", "max_new_tokens": 81,
+                                      "max_denoising_steps": 60, "ref": "b"}))
+            answers, bystander = [], []
+            for raw in messages:
+                await ws.send(raw)
+            while len(answers) < len(messages) or not bystander or bystander[-1]["type"] not in ("done", "error"):
+                event = json.loads(await asyncio.wait_for(ws.recv(), timeout=60))
+                (answers if event.get("request_id") is None else bystander).append(event)
+            return answers, bystander
+
+    answers, bystander = asyncio.run(scenario())
+    for a in answers:
+        attack.tally.answer(422)
+        assert a["type"] == "error" and a["code"] in ("invalid_json", "validation_error"), a
+    assert bystander[-1]["type"] == "done", bystander[-1]  # not cancelled by its neighbours
+
+
+# ----------------------------------------------------------------- 10: slowloris
+def test_slow_clients_are_cut_off(attack: Attack):
+    """Item 10: 200 connections sending partial headers or a partial body are closed once DG_READ_TIMEOUT_S
+    passes; the service answers everyone else meanwhile."""
+    socks = []
+    for i in range(200):
+        s = socket.create_connection(("127.0.0.1", attack.svc.port), timeout=10)
+        if i % 2:
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        else:
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\nAuthorization: Bearer " + K1.encode() + b"\r\n\r\n{\"pro")
+        socks.append(s)
+    assert attack.post("/generate", json={"prompt": "meanwhile", **CHEAP}).status_code == 200
+    time.sleep(READ_TIMEOUT_S + 2)
+    still_open = 0
+    for s in socks:
+        s.settimeout(3)
+        try:
+            while s.recv(4096):
+                pass
+        except TimeoutError:
+            still_open += 1
+        except OSError:
+            pass
+        s.close()
+    attack.tally.inputs += 200
+    print(f"\nslow connections still open after {READ_TIMEOUT_S + 2:.1f} s: {still_open} of 200")
+    assert still_open == 0
+
+
+# ----------------------------------------------------------------- 11: keys, origins, content types
+def ws_status(url: str, headers: dict | None = None) -> int:
+    async def connect() -> int:
+        try:
+            async with websockets.connect(url, additional_headers=headers, open_timeout=10):
+                return 101
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+    return asyncio.run(connect())
+
+
+def test_keys_origins_and_content_types(attack: Attack):
+    """Item 11: only `?api_key=` (spelled so) authenticates a WebSocket, and no key is logged; a page of another
+    origin cannot open one; a JSON route refuses a body that is not JSON (text/plain needs no preflight);
+    refusing a WebSocket logs no ERROR."""
+    url = attack.svc.ws_url
+    own = {"Origin": f"http://127.0.0.1:{attack.svc.port}"}
+    codes = {"api%5Fkey": ws_status(f"{url}?api%5Fkey={K2}"), "api_key": ws_status(f"{url}?api_key={K2}"),
+             "other origin": ws_status(url, {**AUTH1, "Origin": "http://evil.example"}),
+             "own origin": ws_status(url, {**AUTH1, **own}), "no origin": ws_status(url, AUTH1)}
+    attack.tally.inputs += len(codes)
+    print(f"\nWebSocket opens: {codes}")
+    assert codes == {"api%5Fkey": 401, "api_key": 101, "other origin": 403, "own origin": 101, "no origin": 101}
+    status, text = attack.raw("POST", "/v1/completions", '{"model": "adv", "prompt": "x", "max_tokens": 8}',
+                              headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in text, text
+    log = attack.svc.gateway.log()
+    assert K2 not in log and K2.replace("-", "%2D") not in log
+    assert not [line for line in log.splitlines() if " ERROR " in line and "WebSocket" in line or
+                "handshake" in line], log[-2000:]
+
+
+# ----------------------------------------------------------------- 12: resume
+def test_a_stream_resumes_after_the_gateway_restarts(attack: Attack):
+    """Item 12: a client whose gateway restarted (SIGTERM: 1001 going away) resumes its request from the events
+    it has, over a new WebSocket and over GET /requests/{id}/events; another caller cannot."""
+    body = {"prompt": "resume me", "max_new_tokens": 81, "max_denoising_steps": 120, "confidence_threshold": 1e-9}
+
+    async def until_the_gateway_goes() -> tuple[list[dict], int]:
+        events: list[dict] = []
+        async with websockets.connect(attack.svc.ws_url, additional_headers=AUTH1, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "generate", **body}))
+            while sum(e["type"] == "step" for e in events) < 5:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=60)))
+            stopping = asyncio.get_running_loop().run_in_executor(None, attack.svc.gateway.stop, 30)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=60)))
+            await stopping
+        return events, closed.value.rcvd.code
+
+    first, code = asyncio.run(until_the_gateway_goes())
+    assert code == 1001 and first[-1]["type"] == "step"
+    rid = first[0]["request_id"]
+    attack.svc.start_gateway()
+    attack.svc.wait_gateway()
+    attack.http.close()
+    attack.http = httpx.Client(base_url=attack.svc.url, timeout=120, headers=AUTH1)
+
+    async def resume(headers: dict, offset: int) -> list[dict]:
+        events: list[dict] = []
+        async with websockets.connect(attack.svc.ws_url, additional_headers=headers, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "resume", "request_id": rid, "offset": offset}))
+            while not events or events[-1]["type"] not in contract.FINAL_TYPES:
+                events.append(json.loads(await asyncio.wait_for(ws.recv(), timeout=60)))
+                if events[-1].get("request_id") is None or events[-1].get("code") == "unknown_request":
+                    break
+        return events
+
+    stranger = asyncio.run(resume(AUTH2, 0))
+    rest = asyncio.run(resume(AUTH1, len(first)))
+    attack.tally.inputs += 2
+    assert stranger[-1]["code"] == "unknown_request", stranger
+    whole = first + rest
+    check_one_clean_run(attack, whole)
+    assert whole[-1]["type"] == "done" and whole[-1]["usage"]["denoising_steps"] == 120
+    sse = attack.http.get(f"/requests/{rid}/events", params={"offset": 3})
+    events = [json.loads(line[6:]) for line in sse.text.splitlines() if line.startswith("data: ")]
+    ids = [int(line[4:]) for line in sse.text.splitlines() if line.startswith("id: ")]
+    assert sse.status_code == 200 and events == whole[3:] and ids == list(range(3, len(whole)))
+    assert attack.http.get(f"/requests/{rid}/events", headers=AUTH2).status_code == 404
+    attack.tally.answer(200)
+    attack.tally.answer(404)

@@ -142,3 +142,10 @@ def test_unknown_model_is_a_404(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.completions.create(model="gpt-4", prompt="x")
     assert err.value.body["code"] == "model_not_found"
+
+
+def test_models_do_not_show_server_paths(service, tiny_checkpoint):
+    """Issue 16.5: /v1/models describes the models, never where the server keeps them."""
+    r = httpx.get(service.url + "/v1/models")
+    assert r.status_code == 200 and str(tiny_checkpoint) not in r.text
+    assert all("source" not in m for m in r.json()["data"])

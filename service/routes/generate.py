@@ -13,8 +13,9 @@ from service.follow import error_response, submit_all, wait_final
 from service.identity import fingerprint
 from service.jobs import build_job, field_error
 from service.schemas import GenerateRequest, GenerateResponse
+from service.strictjson import StrictRoute
 
-router = APIRouter(tags=["generate"], dependencies=[ApiKey])
+router = APIRouter(tags=["generate"], dependencies=[ApiKey], route_class=StrictRoute)
 
 ERRORS = {
     401: {"description": "missing or invalid API key"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,8 +32,10 @@ from service.follow import ERROR_STATUS, expire_at, submit_all, wait_final
 from service.jobs import attempt_seed, build_job
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
 from service.schemas import GenerateRequest
+from service.strictjson import StrictRoute, printable
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey])
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], route_class=StrictRoute)
 
 FINISH = {"stop": "stop", "stop_string": "stop", "length": "length"}
 
@@ -53,16 +56,14 @@ class OpenAIError(Exception):
 
 def error_from_validation(errors: list[dict]) -> OpenAIError:
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [printable(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    return OpenAIError(400, f"{param + ': ' if param else ''}{first['msg']}", param=param, code="invalid_value")
+    return OpenAIError(400, f"{param + ': ' if param else ''}{printable(first['msg'])}", param=param,
+                       code="invalid_value")
 
 
 async def parse(request: Request, model_cls):
-    try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"request body is not valid JSON: {exc}") from None
+    raw = await request.json()  # strict (service.strictjson): JsonProblem and 415 answer in OpenAI's shape
     if not isinstance(raw, dict):
         raise OpenAIError(400, "request body must be a JSON object")
     for name in raw:
@@ -139,6 +140,11 @@ async def _events(gateway: Gateway, jobs: list[contract.Job], body_diffusing: bo
             async for _, raw in gateway.broker.events(job.request_id):
                 if raw.type != "step" or body_diffusing:  # plain streams skip parsing every step
                     await queue.put((index, raw.parse()))
+        except Exception:  # never a silent end: the client gets an error for this choice
+            log.exception("following %s failed", job.request_id)
+            await queue.put((index, contract.Error(request_id=job.request_id, code="internal_error",
+                                                   message="the gateway could not follow this request")))
+            await gateway.broker.cancel(job.request_id)
         finally:
             expiry.cancel()
             await queue.put((index, None))
@@ -222,7 +228,7 @@ def _stream(gateway: Gateway, jobs: list[contract.Job], body, chat: bool) -> Str
         finally:  # the client left before the end: cancel what is still running
             for i, job in enumerate(jobs):
                 if i not in ended:
-                    await gateway.broker.cancel(job.request_id)
+                    await gateway.client_left(job.request_id)
 
     return StreamingResponse(generate(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -232,8 +238,7 @@ def _stream(gateway: Gateway, jobs: list[contract.Job], body, chat: bool) -> Str
 async def list_models(gateway: GatewayDep) -> dict:
     now = int(time.time())
     return {"object": "list", "data": [
-        {"id": name, "object": "model", "created": now, "owned_by": "dgserve",
-         "canvas_length": m.canvas_length, "source": m.source}
+        {"id": name, "object": "model", "created": now, "owned_by": "dgserve", "canvas_length": m.canvas_length}
         for name, m in gateway.registry.models.items()]}
 
 

@@ -20,8 +20,9 @@ from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.follow import error_response, submit_all, wait_final
 from service.jobs import attempt_seed, build_job
 from service.schemas import DiffusionFields, GenerateRequest
+from service.strictjson import StrictRoute
 
-router = APIRouter(tags=["sudoku"], dependencies=[ApiKey])
+router = APIRouter(tags=["sudoku"], dependencies=[ApiKey], route_class=StrictRoute)
 
 
 class SudokuRequest(DiffusionFields):

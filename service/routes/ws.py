@@ -1,10 +1,16 @@
 """WS /ws/generate: several requests per connection, every denoising step streamed.
 
 Client -> server: {"type": "generate", ...same fields as POST /generate..., "ref": optional}
+                  {"type": "sudoku", ...same fields as POST /sudoku..., "ref": optional}
                   {"type": "cancel", "request_id": optional (all of this connection's if omitted)}
+                  {"type": "resume", "request_id": ..., "offset": how many of its events the client has}
 Server -> client: queued, step (every denoising step of every canvas), canvas, done | error;
                   every event carries its request_id. Problems with a message itself come back as
                   {"type": "error", "request_id": null, "code": ..., "message": ...}.
+
+A request belongs to the connection that sent (or resumed) it: `cancel` applies to it, and leaving cancels it.
+`resume` picks up a request of the same caller (after a dropped connection or a gateway restart) from the
+event after the first `offset`, as long as its events are kept (an hour after its last one).
 """
 
 from __future__ import annotations
@@ -18,16 +24,17 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dgserve import contract
 from service.broker import REDIS_DOWN, Overloaded
-from service.deps import Gateway, GatewayDep, key_is_valid, websocket_key
+from service.deps import Gateway, GatewayDep, key_is_valid, same_origin_or_allowed, websocket_key
 from service.follow import expire_at, submit_all
 from service.identity import ANONYMOUS, tenant_of
 from service.jobs import build_job
 from service.routes.sudoku import SudokuRequest, solve, sudoku_jobs
 from service.schemas import WsCancel, WsGenerate
+from service.strictjson import JsonProblem, loads, printable
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -38,13 +45,27 @@ class WsSudoku(SudokuRequest):
     ref: str | None = Field(None, max_length=128)
 
 
+class WsResume(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["resume"]
+    request_id: str = Field(min_length=1, max_length=128)
+    offset: int = Field(0, ge=0, le=10_000_000, description="events of the request the client already has")
+
+
 async def _never() -> bool:
     return False
 
 
 def describe(errors) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'message'}: {e['msg']}"
-                     for e in errors)
+    return printable("; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'message'}: {e['msg']}"
+                               for e in errors))
+
+
+def ref_of(data: dict) -> str | None:
+    """The client's `ref`, echoed only when it is one (a short string)."""
+    ref = data.get("ref")
+    return ref if isinstance(ref, str) and len(ref) <= 128 else None
 
 
 class Session:
@@ -61,61 +82,70 @@ class Session:
         await self.send(json.dumps({"type": "error", "request_id": request_id, "code": code, "message": message,
                                     **extra}))
 
-    async def forward(self, rid: str, deadline: float | None) -> None:
+    async def handle(self, data: object) -> None:
+        if not isinstance(data, dict):
+            return await self.problem("invalid_message", "message must be a JSON object with a `type`")
+        handlers = {"generate": self.generate, "sudoku": self.sudoku, "cancel": self.cancel, "resume": self.resume}
+        handler = handlers.get(data.get("type"))  # type: ignore[arg-type]
+        if handler is None:
+            kind = printable(data.get("type"))[:64]
+            return await self.problem("invalid_message",
+                                      f"unknown message type {kind!r}; use generate, sudoku, cancel or resume")
+        await handler(data)
+
+    async def forward(self, rid: str, deadline: float | None, offset: int = 0) -> None:
         expiry = asyncio.create_task(expire_at(self.gateway, rid, deadline))
         try:
-            async for _, event in self.gateway.broker.events(rid):
+            async for _, event in self.gateway.broker.events_from(rid, offset):
                 await self.send(event.text)  # relayed as the worker wrote it
         except (WebSocketDisconnect, RuntimeError):
             # the client left while this request was open. Cancel it here: this task may notice before the
             # receive loop does, and `close` only cancels the tasks still registered
-            await self._cancel_quietly(rid)
+            await self._client_left(rid)
         finally:
             expiry.cancel()
             self.tasks.pop(rid, None)
 
-    async def _cancel_quietly(self, rid: str) -> None:
+    async def _client_left(self, rid: str) -> None:
         try:
-            await self.gateway.broker.cancel(rid)
+            await self.gateway.client_left(rid)
         except REDIS_DOWN:
             pass
+
+    async def _submit(self, jobs: list[contract.Job], ref: str | None) -> bool:
+        """Queue jobs as this connection's; a refusal is an error event."""
+        gw = self.gateway
+        try:
+            await submit_all(gw, jobs, self.tenant, ref)
+        except Overloaded as exc:
+            gw.metrics.rejected.labels("overloaded").inc()
+            await self.problem("overloaded", str(exc), ref=ref, retry_after=gw.settings.retry_after_s)
+            return False
+        except REDIS_DOWN:
+            gw.metrics.rejected.labels("redis_unavailable").inc()
+            await self.problem("unavailable", "queue unavailable, retry later", ref=ref,
+                               retry_after=gw.settings.retry_after_s)
+            return False
+        return True
 
     async def generate(self, data: dict) -> None:
         try:
             body = WsGenerate.model_validate(data)
-        except ValidationError as exc:
-            return await self.problem("validation_error", describe(exc.errors()), ref=data.get("ref"))
-        gw = self.gateway
-        try:
-            job = await run_in_threadpool(build_job, gw, body)
-        except RequestValidationError as exc:
-            return await self.problem("validation_error", describe(exc.errors()), ref=body.ref)
-        try:
-            [rid] = await submit_all(gw, [job], self.tenant, body.ref)
-        except Overloaded as exc:
-            gw.metrics.rejected.labels("overloaded").inc()
-            return await self.problem("overloaded", str(exc), ref=body.ref, retry_after=gw.settings.retry_after_s)
-        except REDIS_DOWN:
-            gw.metrics.rejected.labels("redis_unavailable").inc()
-            return await self.problem("unavailable", "queue unavailable, retry later", ref=body.ref,
-                                      retry_after=gw.settings.retry_after_s)
-        self.tasks[rid] = asyncio.create_task(self.forward(rid, job.deadline))
+            job = await run_in_threadpool(build_job, self.gateway, body)
+        except (ValidationError, RequestValidationError) as exc:
+            return await self.problem("validation_error", describe(exc.errors()), ref=ref_of(data))
+        if await self._submit([job], body.ref):
+            self.tasks[job.request_id] = asyncio.create_task(self.forward(job.request_id, job.deadline))
 
     async def sudoku(self, data: dict) -> None:
         """A Sudoku: every attempt streams as a request of its own, then one `sudoku_result` event."""
-        ref = data.get("ref")
         try:
             body = WsSudoku.model_validate(data)
             jobs = await run_in_threadpool(sudoku_jobs, self.gateway, body)
-        except ValidationError as exc:
-            return await self.problem("validation_error", describe(exc.errors()), ref=ref)
-        except RequestValidationError as exc:
-            return await self.problem("validation_error", describe(exc.errors()), ref=ref)
-        try:
-            await submit_all(self.gateway, jobs, self.tenant, body.ref)
-        except Overloaded as exc:
-            self.gateway.metrics.rejected.labels("overloaded").inc()
-            return await self.problem("overloaded", str(exc), ref=ref, retry_after=self.gateway.settings.retry_after_s)
+        except (ValidationError, RequestValidationError) as exc:
+            return await self.problem("validation_error", describe(exc.errors()), ref=ref_of(data))
+        if not await self._submit(jobs, body.ref):
+            return
         for job in jobs:
             self.tasks[job.request_id] = asyncio.create_task(self.forward(job.request_id, job.deadline))
         self.tasks[f"sudoku:{jobs[0].request_id}"] = asyncio.create_task(self.sudoku_result(body, jobs))
@@ -144,66 +174,88 @@ class Session:
                 continue
             await self.gateway.broker.cancel(rid)
 
+    async def resume(self, data: dict) -> None:
+        """Follow one of this caller's requests again, from the event after the first `offset`."""
+        try:
+            msg = WsResume.model_validate(data)
+        except ValidationError as exc:
+            return await self.problem("validation_error", describe(exc.errors()))
+        rid = msg.request_id
+        if rid in self.tasks:
+            return await self.problem("already_open", f"request {rid!r} is already open on this connection", rid)
+        if await self.gateway.broker.owner(rid) != self.tenant:  # another caller's is as unknown as none
+            return await self.problem("unknown_request", f"no request {rid!r} of yours is kept here", rid)
+        self.tasks[rid] = asyncio.create_task(self.forward(rid, None, msg.offset))
+
     async def close(self) -> None:
         for rid, task in list(self.tasks.items()):
             if not rid.startswith("sudoku:"):
-                await self._cancel_quietly(rid)
+                await self._client_left(rid)
             task.cancel()
+
+
+async def refusal(ws: WebSocket, gateway: Gateway) -> JSONResponse | None:
+    """Why this WebSocket may not open (origin, key, connections per client), as the HTTP answer to send."""
+    settings = gateway.settings
+    if not same_origin_or_allowed(ws, settings.cors_origins):
+        return JSONResponse({"detail": "this origin may not open a WebSocket here (DG_CORS_ORIGINS)"},
+                            status_code=403)
+    if settings.api_keys and not key_is_valid(websocket_key(ws), settings.api_keys):
+        return JSONResponse({"detail": "missing or invalid API key"}, status_code=401)
+    client = ws.client.host if ws.client else "?"
+    if gateway.connections_per_client.get(client, 0) >= settings.max_connections_per_client:
+        return JSONResponse(
+            {"detail": f"too many connections from this client (limit {settings.max_connections_per_client})"},
+            status_code=429, headers={"Retry-After": str(settings.retry_after_s)})
+    return None
+
+
+async def receive_loop(ws: WebSocket, session: Session, max_bytes: int) -> None:
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        raw = message.get("text")
+        if raw is None:
+            raw = (message.get("bytes") or b"").decode("utf-8", "replace")
+        if len(raw.encode()) > max_bytes:
+            await session.problem("message_too_large", f"message is larger than {max_bytes} bytes")
+            continue
+        try:
+            data = loads(raw)
+        except JsonProblem as exc:
+            await session.problem("invalid_json", f"message is not strict JSON: {printable(exc.describe())}")
+            continue
+        try:
+            await session.handle(data)
+        except REDIS_DOWN:
+            await session.problem("unavailable", "queue unavailable, retry later",
+                                  retry_after=session.gateway.settings.retry_after_s)
+        except (WebSocketDisconnect, RuntimeError):
+            raise
+        except Exception:  # one bad message must not take the connection and its other requests down
+            log.exception("websocket message failed")
+            await session.problem("internal_error", "internal error")
 
 
 @router.websocket("/ws/generate")
 async def ws_generate(ws: WebSocket, gateway: GatewayDep):
     settings = gateway.settings
-    presented = websocket_key(ws)
-    if settings.api_keys and not key_is_valid(presented, settings.api_keys):
-        await ws.send_denial_response(JSONResponse({"detail": "missing or invalid API key"}, status_code=401))
+    denied = await refusal(ws, gateway)
+    if denied is not None:
+        await ws.send_denial_response(denied)
         return
-    tenant = tenant_of(presented) if settings.api_keys else ANONYMOUS
+    tenant = tenant_of(websocket_key(ws)) if settings.api_keys else ANONYMOUS
     client = ws.client.host if ws.client else "?"
-    if gateway.connections_per_client.get(client, 0) >= settings.max_connections_per_client:
-        await ws.send_denial_response(JSONResponse(
-            {"detail": f"too many connections from this client (limit {settings.max_connections_per_client})"},
-            status_code=429, headers={"Retry-After": str(settings.retry_after_s)}))
-        return
     await ws.accept()
     gateway.connections_per_client[client] = gateway.connections_per_client.get(client, 0) + 1
     gateway.websockets.add(ws)
     gateway.metrics.websockets.inc()
     session = Session(ws, gateway, tenant)
     try:
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            raw = message.get("text")
-            if raw is None:
-                raw = (message.get("bytes") or b"").decode("utf-8", "replace")
-            if len(raw.encode()) > settings.max_ws_message_bytes:
-                await session.problem("message_too_large", f"message is larger than {settings.max_ws_message_bytes}"
-                                      " bytes")
-                continue
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                await session.problem("invalid_json", f"message is not JSON: {exc.msg} at position {exc.pos}")
-                continue
-            if not isinstance(data, dict):
-                await session.problem("invalid_message", "message must be a JSON object with a `type`")
-                continue
-            kind = data.get("type")
-            if kind == "generate":
-                await session.generate(data)
-            elif kind == "cancel":
-                await session.cancel(data)
-            elif kind == "sudoku":
-                await session.sudoku(data)
-            else:
-                await session.problem("invalid_message",
-                                      f"unknown message type {kind!r}; use generate, sudoku or cancel")
-    except WebSocketDisconnect:
+        await receive_loop(ws, session, settings.max_ws_message_bytes)
+    except (WebSocketDisconnect, RuntimeError):
         pass
-    except REDIS_DOWN:
-        log.warning("websocket session: redis unreachable")
     finally:
         await session.close()
         gateway.websockets.discard(ws)
@@ -211,6 +263,3 @@ async def ws_generate(ws: WebSocket, gateway: GatewayDep):
         gateway.connections_per_client[client] -= 1
         if not gateway.connections_per_client[client]:
             del gateway.connections_per_client[client]
-
-
-__all__ = ["router", "contract"]
