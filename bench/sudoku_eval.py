@@ -111,7 +111,8 @@ def plot(report: dict, path: Path) -> None:
         vals = [run["summary"][d]["fully_correct"] * 100 for d in (*DIFFICULTIES, "all")]
         ax.bar([i + k * width for i in range(5)], vals, width, label=f"{attempts} attempt(s)")
     ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(5)], [*DIFFICULTIES, "all"])
-    ax.axhline(90, color="#c33", ls="--", lw=1, label="goal 90%")
+    ax.axhline(90, color="#c33", ls="--", lw=1, label="goal 90% (default attempts)")
+    ax.axhline(70, color="#e93", ls=":", lw=1, label="goal 70% (one attempt)")
     ax.set_ylabel("fully correct (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Sudoku through the service ({report['puzzles']} qqwing puzzles)", fontsize=10)

@@ -68,7 +68,7 @@ def main(args) -> int:
                       compile=args.compile, threads=args.threads, preset=args.preset, safe=args.safe,
                       canvas_length=args.canvas_length or 64, init=args.init)
     result = measure(cfg, args.steps, args.warmup, log=lambda m: print(f"[throughput] {m}", flush=True))
-    if result["flops_per_example"]:
+    if result["flops_per_example"] and result["task"] == "sudoku":
         result.update(goal_share(result["flops_per_example"]))
     print(json.dumps(result), flush=True)
     if args.out:
