@@ -3,7 +3,7 @@
 On a CPU the kernel runs under TRITON_INTERPRET=1 (set here before triton is imported). On a GPU,
 `TRITON_INTERPRET=0 pytest tests/test_triton_attention.py` runs the same comparisons on the device, plus the
 real-scale shapes (skipped under the interpreter). Without a GPU, the kernel is also compiled for sm90 as it is
-launched for the served layers (`python -m tests.test_triton_attention`, run by a test), and the compiled
+launched for the served layers (`compile_for_sm90`, in a subprocess: tests/sm90.py), and the compiled
 kernels' shared memory, registers and wgmma use are checked.
 
 Pools are filled with NaN everywhere but the keys each row may read, so a kernel that lets a key past kv_len, a
@@ -20,11 +20,7 @@ And against float64 on the same (rounded) inputs: no less accurate than the spec
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -248,17 +244,10 @@ def compile_for_sm90() -> dict[str, dict]:
 def test_kernels_compile_for_sm90_within_shared_memory_and_registers():
     """The interpreter accepts what the compiler may reject (tile sizes, layouts) or compiles badly (spills):
     compile each served layer's kernel for an H100/H200 and read what the compiled kernel uses."""
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-m", "tests.test_triton_attention"], env=env, capture_output=True,
-                         text=True, timeout=900, cwd=Path(__file__).resolve().parents[1])
-    assert run.returncode == 0, run.stderr[-4000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = sm90.report_of("tests.test_triton_attention", "compile_for_sm90")
     assert set(report) == set(SM90_LAYERS)
     for name, k in report.items():
         assert k["shared"] <= sm90.SHARED_LIMIT, (name, k)
         assert k["stack"] <= SM90_STACK_LIMIT, (name, k)
         assert k["wgmma"], (name, k)
 
-
-if __name__ == "__main__":
-    print(json.dumps(compile_for_sm90()))

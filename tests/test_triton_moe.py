@@ -24,7 +24,6 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from worker.ops.moe import padded_size  # noqa: E402
 from worker.ops.registry import PLAIN  # noqa: E402
 from worker.ops.triton import moe as tmoe  # noqa: E402
 
@@ -265,85 +264,35 @@ def test_the_chain_never_syncs_with_the_host_and_replays_as_a_cuda_graph():
 
 # ------------------------------------------------------------------------ compiled for the H200, without one
 
-SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm90
-
 
 def sm90_report() -> dict[str, dict]:
-    """Compile the bf16 kernels for sm90 (no GPU needed) as a launch at the real scale specialises them, with the
-    launchers' own configurations: shared memory, pipelined loads (cp.async), wgmma, registers and spills (from the
-    cubin). Runs in a subprocess (the interpreter must be off before triton is imported)."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    """Compile the bf16 kernels for sm90 (no GPU needed) through the launchers at the real scale (26B-A4B; route at
+    1 and 64 canvas rows, the rest at 64): what each compiled kernel uses (tests/sm90.py). Runs in a subprocess
+    (the interpreter must be off before triton is imported)."""
+    from tests import sm90
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     N, H, E, K, INTER = 16384, 2816, 128, 8, 704  # 64 canvas rows of 26B-A4B
-    P = padded_size(N * K, E, tmoe.BLOCK_M)
     bf16 = torch.bfloat16
-    tile, chunk = tmoe.align_config(N * K)
-    count_cfg, place_cfg = tmoe.align_kernel_configs(E, tmoe.BLOCK_M, tile)
-    gemm = dict(sorted_ptr="*i32", block_expert_ptr="*i32", H=H, INTER=INTER, pairs=N * K, num_blocks=P // 64,
-                stride_wk=1)
-    route = dict(x_ptr="*bf16", w_ptr="*bf16", scale_ptr="*bf16", weights_ptr="*fp32", ids_ptr="*i32", H=H, E=E)
-    kernels = {
-        "route_1_row": (tmoe._route_kernel, dict(route, N=256), tmoe.route_config(256, E, K, bf16)),
-        "route_64_rows": (tmoe._route_kernel, dict(route, N=N), tmoe.route_config(N, E, K, bf16)),
-        "align_count": (tmoe._align_count_kernel, dict(ids_ptr="*i32", counts_ptr="*i32", pairs=N * K, chunk=chunk),
-                        count_cfg),
-        "align_place": (tmoe._align_place_kernel, dict(
-            ids_ptr="*i32", counts_ptr="*i32", sorted_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32",
-            pairs=N * K, chunk=chunk, num_chunks=N * K // chunk, num_blocks=P // 64,
-            blocks_per_prog=-(-P // 64 // (N * K // chunk))), place_cfg),
-        "gate_up": (tmoe._gate_up_kernel, dict(gemm, x_ptr="*bf16", w_ptr="*bf16", act_ptr="*bf16", top_k=K,
-                                               stride_we=2 * INTER * H, stride_wn=H),
-                    tmoe.gate_up_config(tmoe.BLOCK_M, INTER, H, bf16)),
-        "down": (tmoe._down_kernel, dict(gemm, act_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", stride_we=H * INTER,
-                                         stride_wn=INTER), tmoe.down_config(tmoe.BLOCK_M, H, INTER, bf16)),
-    }
-    report = {}
-    for name, (fn, args, config) in kernels.items():
-        config = dict(config)
-        options = dict(num_warps=config.pop("num_warps"), num_stages=config.pop("num_stages", 3))
-        signature, attrs, constexprs = {}, {}, dict(config)
-        for i, arg in enumerate(fn.arg_names):  # the JIT's own rule: 16-aligned pointers, ints % 16, ints == 1
-            value = args.get(arg)
-            if arg in config or value == 1:
-                signature[arg] = "constexpr"
-                constexprs.setdefault(arg, value)
-            else:
-                signature[arg] = value if isinstance(value, str) else "i32"
-                if isinstance(value, str) or value % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                                  options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
-            cubin.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
-                                   check=True).stdout
-        fields = dict(f.split(":")[:2] for f in usage.split("Function", 1)[1].split() if ":" in f[1:])
-        report[name] = dict(shared=compiled.metadata.shared, wgmma="wgmma.mma_async" in compiled.asm["ptx"],
-                            async_loads=compiled.asm["ttgir"].count("async_copy_global_to_local"),
-                            registers=int(fields["REG"]), local_bytes=int(fields["LOCAL"]) + int(fields["STACK"]))
-    return report
+    router, scale = torch.empty((E, H), dtype=bf16), torch.empty(E, dtype=bf16)
+    x = torch.empty((N, H), dtype=bf16)
+    with sm90.compiling() as compiled:
+        tmoe.moe_route(x[:256], router, scale, K)
+        tmoe.moe_route(x, router, scale, K)
+        aligned = tmoe.moe_align(torch.zeros((N, K), dtype=torch.int32), E, tmoe.BLOCK_M)
+        act = tmoe.moe_gate_up(x, torch.empty((E, 2 * INTER, H), dtype=bf16), *aligned, K)
+        tmoe.moe_down(act, torch.empty((E, H, INTER), dtype=bf16), *aligned, N, K)
+    names = ("route_1_row", "route_64_rows", "align_count", "align_place", "gate_up", "down")
+    assert [c["kernel"] for c in compiled] == ["_route_kernel", "_route_kernel", "_align_count_kernel",
+                                               "_align_place_kernel", "_gate_up_kernel", "_down_kernel"]
+    return dict(zip(names, compiled, strict=True))
 
 
 def test_kernels_compile_for_the_h200_with_wgmma_pipelined_and_without_spills():
-    import json
-    import subprocess
-    import sys
+    from tests import sm90
 
-    code = "import json, tests.test_triton_moe as t; print(json.dumps(t.sm90_report()))"
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = sm90.report_of("tests.test_triton_moe", "sm90_report", timeout=600)
     for name, r in report.items():
-        assert r["shared"] <= SM90_SHARED_LIMIT and r["local_bytes"] == 0 and r["registers"] <= 255, (name, r)
+        assert r["shared"] <= sm90.SHARED_LIMIT and r["local"] + r["stack"] == 0 and r["registers"] <= 255, (name, r)
     for name in ("route_64_rows", "gate_up", "down"):  # the tensor-core GEMMs, their k loop software-pipelined
         assert report[name]["wgmma"] and report[name]["async_loads"] > 0, (name, report[name])
     assert report["route_1_row"]["async_loads"] > 0

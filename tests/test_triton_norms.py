@@ -27,11 +27,7 @@ cubin, with no GPU: a stand-in driver names the target and launches become compi
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -191,29 +187,19 @@ def test_gate_up_gelu_matches_the_spec(rand, dtype, N, H, inter, blocks):
 
 
 H200 = dict(H=2816, rows=512, experts_k=8, inter=2112, capacity=1279)
-SMEM_PER_BLOCK = 232448  # sm90: 227 KB of shared memory a block may opt in to
 
 
-def compile_for_sm90(dtype_name: str = "bfloat16") -> None:
+def compile_for_sm90(dtype_name: str = "bfloat16") -> list[dict]:
     """Run every launcher at the real 26B-A4B shapes with compile-only launches for sm90 (no GPU, no interpreter);
-    print one JSON line per kernel compiled. Run in a subprocess with TRITON_INTERPRET=0."""
-    from triton.runtime.jit import JITFunction
+    returns what each compiled kernel uses (tests/sm90.py). Run in a subprocess with TRITON_INTERPRET=0."""
+    from tests import sm90
 
-    from tests.sm90 import use_sm90_target
+    with sm90.compiling() as compiled:
+        _launch_at_real_shapes(getattr(torch, dtype_name))
+    return compiled
 
-    use_sm90_target()
-    run = JITFunction.run
 
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
-        print(json.dumps({"kernel": self.__name__, "grid": list(grid), "shared": kernel.metadata.shared,
-                          "wgmma": "warp_group_dot" in ttgir, "vector_loads": "ld.global.v4" in ptx,
-                          "cubin": len(kernel.asm["cubin"])}))
-        return kernel
-
-    JITFunction.run = compile_only
-    dt = getattr(torch, dtype_name)
+def _launch_at_real_shapes(dt: torch.dtype) -> None:
     H, N, k = H200["H"], H200["rows"], H200["experts_k"]
     x, w = torch.empty(N, H, dtype=dt), torch.empty(H, dtype=dt)
     norms.rms_norm(x, w, EPS)
@@ -239,14 +225,12 @@ def compile_for_sm90(dtype_name: str = "bfloat16") -> None:
 def test_every_kernel_compiles_for_sm90_at_the_real_shapes():
     """bf16 (the GPU default): down to a cubin; the GEMM on wgmma within the shared memory a block may have; the
     row kernels' loads 16-byte vectors."""
-    code = "import sys; from tests.test_triton_norms import compile_for_sm90; compile_for_sm90(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, "bfloat16"], capture_output=True, text=True, timeout=900,
-                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    kernels = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(kernels) == 10, proc.stdout
+    from tests import sm90
+
+    kernels = sm90.report_of("tests.test_triton_norms", "compile_for_sm90", "bfloat16")
+    assert len(kernels) == 10, kernels
     for k in kernels:
-        assert k["cubin"] > 0 and k["shared"] <= SMEM_PER_BLOCK, k
+        assert k["cubin"] > 0 and k["shared"] <= sm90.SHARED_LIMIT, k
         if k["kernel"] == "_gate_up_gelu_kernel":
             assert k["wgmma"], k
         else:

@@ -24,6 +24,8 @@ try:
     import triton
     import triton.language as tl
 
+    from worker.ops.triton.common import round_bf16
+
     HAVE_TRITON = True
 except ImportError:  # the CPU default path does not need it
     HAVE_TRITON = False
@@ -38,14 +40,6 @@ if HAVE_TRITON:
             z = x / cap
             x = cap * (1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
         return x * inv_temp
-
-    @triton.jit
-    def _round_bf16(y):
-        """float32 -> nearest bfloat16 (ties to even), kept in float32. Bit arithmetic, so that it is the
-        same on a GPU and under the CPU interpreter (whose own bf16 conversion truncates)."""
-        bits = y.to(tl.int32, bitcast=True)
-        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & -65536
-        return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _stats_kernel(
@@ -104,7 +98,7 @@ if HAVE_TRITON:
             gbest = tl.where(gtake, gmax, gbest)
             # statistics of the rounded values that self-conditioning takes the softmax of
             if ROUND_BF16:
-                yr = _round_bf16(y)
+                yr = round_bf16(y)
             else:
                 yr = y
             rm_new = tl.maximum(rm, tl.max(yr, 0))
@@ -133,10 +127,10 @@ if HAVE_TRITON:
             x = tl.load(logits_ptr + base + offs, mask=valid, other=0.0).to(tl.float32)
             y = _transform(x, cap, inv_temp, HAS_CAP)
             if ROUND_BF16:
-                y = _round_bf16(y)
+                y = round_bf16(y)
             p = tl.exp(y - rm) * inv_rs
             if ROUND_BF16:
-                p = _round_bf16(p)  # exact in bf16 now: the store's own conversion cannot change it
+                p = round_bf16(p)  # exact in bf16 now: the store's own conversion cannot change it
             tl.store(out_ptr + base + offs, p.to(out_ptr.dtype.element_ty), mask=valid)
 
 

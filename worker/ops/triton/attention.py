@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.fused import _round_bf16
+from worker.ops.triton.common import interpreting, round_bf16
 
 LOG2E = 1.4426950408889634
 DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -38,7 +38,7 @@ DOT_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 def _operand(x, DOT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
     """x as a tl.dot operand in the query's dtype (see the module docstring for ROUND_BF16)."""
     if ROUND_BF16:
-        y = _round_bf16(x.to(tl.float32))
+        y = round_bf16(x.to(tl.float32))
     else:
         y = x.to(DOT_DTYPE)
     return y
@@ -142,7 +142,7 @@ def _attention_kernel(
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key seen: acc is 0, and so is the output
     if ROUND_BF16:
-        out = _round_bf16(out)  # exact in bf16 now: the store's (truncating) conversion cannot change it
+        out = round_bf16(out)  # exact in bf16 now: the store's (truncating) conversion cannot change it
     o_rows = b * so_b + j * so_l + head * so_h
     tl.store(o_ptr + o_rows[:, None] + offs_dv[None, :] * so_d, out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dv_ok[None, :])
@@ -203,7 +203,7 @@ def launch(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: t
     rows = L * group  # tile rows per (row, KV head)
     d_pad = max(16, triton.next_power_of_2(D))
     cfg = config(d_pad, q.element_size())
-    interpret = bool(triton.knobs.runtime.interpret)
+    interpret = interpreting()
     if q.dtype not in DOT_DTYPES:
         raise ValueError(f"attention: q's dtype must be one of {list(DOT_DTYPES)}, not {q.dtype}")
     dot_dtype = tl.float32 if interpret else DOT_DTYPES[q.dtype]

@@ -4,8 +4,8 @@ One GEMM with two float32 accumulators over the same x tiles: each program owns 
 (N, I) output, streams x[rows, k-block] once and both W_gate and W_up [cols, k-block] through shared memory, and in
 the epilogue rounds gate and up to the model dtype (as each F.linear returns), applies GELU-tanh, rounds, multiplies,
 rounds, and writes the tile once. Programs are ordered in groups of GROUP_M row tiles so that a group's weight
-columns stay in L2 while its rows stream. The GELU, the float32-accumulating dot and the tile order are the expert
-GEMMs' (`worker/ops/triton/moe.py`): one definition of each.
+columns stay in L2 while its rows stream. The GELU, the float32-accumulating dot and the tile order are shared with the
+expert GEMMs (`worker/ops/triton/common.py`): one definition of each.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.ops.triton.moe import _dot, _gelu_tanh, _grouped_tile, _upcast
-from worker.ops.triton.norms import dtype_mode, round_to, rows
+from worker.ops.triton.common import dot, dtype_mode, gelu_tanh, grouped_tile, interpreting, round_to, rows
 
 
 class Blocks(NamedTuple):
@@ -46,7 +45,7 @@ def blocks_for(n_rows: int) -> Blocks:
 def _gate_up_gelu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, N, INTER, H, s_x, s_wg, s_wu,
                          MODE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(INTER, BLOCK_N), GROUP)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(INTER, BLOCK_N), GROUP)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -66,12 +65,12 @@ def _gate_up_gelu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, N, INTER, H, s_x, s_wg,
             x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=k_in[:, None], other=0.0)
             wu = tl.load(wu_ptrs, mask=k_in[:, None], other=0.0)
-        gate = _dot(x, wg, gate, UPCAST)
-        up = _dot(x, wu, up, UPCAST)
+        gate = dot(x, wg, gate, UPCAST)
+        up = dot(x, wu, up, UPCAST)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
-    act = round_to(_gelu_tanh(round_to(gate, MODE)), MODE)
+    act = round_to(gelu_tanh(round_to(gate, MODE)), MODE)
     y = round_to(act * round_to(up, MODE), MODE)
     dst = out_ptr + offs_m.to(tl.int64)[:, None] * INTER + offs_n[None, :]
     tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & (offs_n < INTER)[None, :])
@@ -88,9 +87,9 @@ def launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, blocks: Bl
         return out
     grid = (triton.cdiv(N, blocks.m) * triton.cdiv(inter, blocks.n),)
     _gate_up_gelu_kernel[grid](x, w_gate, w_up, out, N, inter, H, x.stride(0), w_gate.stride(0), w_up.stride(0),
-                               MODE=dtype_mode(x.dtype), UPCAST=_upcast(), EVEN_K=H % blocks.k == 0, BLOCK_M=blocks.m,
-                               BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP=GROUP_M, num_warps=blocks.warps,
-                               num_stages=blocks.stages)
+                               MODE=dtype_mode(x.dtype), UPCAST=interpreting(), EVEN_K=H % blocks.k == 0,
+                               BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP=GROUP_M,
+                               num_warps=blocks.warps, num_stages=blocks.stages)
     return out
 
 

@@ -12,7 +12,7 @@
 Every launch sizes its grid and outputs from shapes only (no host sync: CUDA graphs capture them); counts and
 expert ids are read inside the kernels. bf16 results repeat the spec's roundings (the GEMM outputs are rounded to
 bf16 before GELU, GELU's result before the product, as the plain-torch ops do), with the bit-exact rounding of
-worker/fused.py, so that the interpreter and the GPU round alike.
+worker/ops/triton/common.py, so that the interpreter and the GPU round alike.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.fused import _round_bf16
 from worker.ops.moe import padded_size
+from worker.ops.triton.common import dot, gelu_tanh, grouped_tile, interpreting, pow2, round_bf16
 
 # Rows per block of the aligned layout that the model runner passes as moe_align's `block` on CUDA: the M tile of
 # both grouped GEMMs (wgmma's m64 per warp group). At one canvas row (2048 pairs over 128 experts, ~16 per expert)
@@ -37,43 +37,6 @@ def _check_dtypes(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"the Triton MoE kernels take activations and weights in one of {SUPPORTED_DTYPES}, "
                          f"not {x.dtype} and {weight.dtype}")
-
-
-def _pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
-    p = max(lo, triton.next_power_of_2(max(int(n), 1)))
-    return p if hi is None else min(p, hi)
-
-
-@triton.jit
-def _gelu_tanh(x):
-    """0.5 x (1 + tanh(z)) as x * sigmoid(2z), z = sqrt(2/pi)(x + 0.044715 x^3): no cancellation at either end."""
-    z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return x / (1.0 + tl.exp(-2.0 * z))
-
-
-@triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b, float32 accumulation ("ieee": float32 inputs are not truncated to tf32; bf16 ignores it).
-    UPCAST is for the CPU interpreter, whose dot multiplies bf16 operands' raw bits as integers (triton 3.9):
-    there they go in as float32, exactly (a product of two bf16 values is exact in float32 either way)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision="ieee")
-
-
-def _upcast() -> bool:
-    return bool(triton.knobs.runtime.interpret)
-
-
-@triton.jit
-def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Program -> (m block, n tile), GROUP_M consecutive m blocks per n tile: blocks of one expert sit next to
-    each other, so a weight tile is fetched from HBM once and then served from L2 to the group."""
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (pid % per_group) % size, (pid % per_group) // size
 
 
 # ---------------------------------------------------------------------------------------------------- moe_route
@@ -94,11 +57,11 @@ def _route_kernel(x_ptr, w_ptr, scale_ptr, weights_ptr, ids_ptr, N, H, E,
         h_ok = hs + h0 < H
         x = tl.load(x_ptrs, mask=tok_ok[:, None] & h_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=h_ok[:, None] & (experts[None, :] < E), other=0.0)
-        logits = _dot(x, w, logits, UPCAST)
+        logits = dot(x, w, logits, UPCAST)
         x_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
     if ROUND_BF16:
-        logits = _round_bf16(logits)  # the spec's F.linear returns x's dtype
+        logits = round_bf16(logits)  # the spec's F.linear returns x's dtype
     logits = tl.where(experts[None, :] < E, logits, float("-inf"))  # the max ignores the padding columns
     # softmax numerators only: the renormalisation over the top k cancels the softmax's denominator
     p = tl.exp(logits - tl.max(logits, 1)[:, None])  # (BLOCK_T, BLOCK_E)
@@ -141,8 +104,8 @@ def route_config(num_tokens: int, num_experts: int, top_k: int, dtype: torch.dty
     """Tokens per program: 16 up to 16 canvas rows (N <= 4096: 16..256 programs, enough to spread the router
     weight's reads over the SMs), 64 beyond (256 programs at 64 rows, a quarter of the L2 traffic on the weight).
     The whole (BLOCK_T, E=128) logit tile stays in registers for the top-k; H is walked 64 deep, 4 stages."""
-    return dict(TOP_K=top_k, BLOCK_T=16 if num_tokens <= 4096 else 64, BLOCK_H=64, BLOCK_E=_pow2(num_experts, lo=16),
-                K_PAD=_pow2(top_k), ROUND_BF16=dtype == torch.bfloat16, UPCAST=_upcast(), num_warps=4, num_stages=4)
+    return dict(TOP_K=top_k, BLOCK_T=16 if num_tokens <= 4096 else 64, BLOCK_H=64, BLOCK_E=pow2(num_experts, lo=16),
+                K_PAD=pow2(top_k), ROUND_BF16=dtype == torch.bfloat16, UPCAST=interpreting(), num_warps=4, num_stages=4)
 
 
 # ---------------------------------------------------------------------------------------------------- moe_align
@@ -215,14 +178,14 @@ def align_config(pairs: int) -> tuple[int, int]:
     """(tile, chunk): a tile of 128 pairs x 128 experts is 16K one-hot lanes (64 registers a thread at 8 warps);
     chunks grow so that at most 128 programs run (131072 pairs: 128 chunks of 1024), which bounds the histogram
     rows each program sums."""
-    tile = _pow2(pairs, lo=16, hi=128)
-    return tile, max(tile, _pow2(triton.cdiv(pairs, 128)))
+    tile = pow2(pairs, lo=16, hi=128)
+    return tile, max(tile, pow2(triton.cdiv(pairs, 128)))
 
 
 def align_kernel_configs(num_experts: int, block: int, tile: int) -> tuple[dict, dict]:
     """Compile-time parameters of the histogram and placement kernels; the (TILE, experts) one-hot tiles take
     8 warps from 16K lanes up. The placement sums the histograms 16 chunks at a time and fills 16 blocks at a time."""
-    block_e = _pow2(num_experts)
+    block_e = pow2(num_experts)
     warps = 8 if tile * block_e >= 16384 else 4
     count = dict(TILE=tile, BLOCK_E=block_e, num_warps=warps)
     return count, dict(count, BLOCK=block, ROWS_G=16, TILE_B=16)
@@ -263,7 +226,7 @@ def _gate_up_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, act_ptr, H, INTE
                     stride_we, stride_wn, stride_wk,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < INTER
@@ -291,15 +254,15 @@ def _gate_up_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, act_ptr, H, INTE
             x = tl.load(x_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
             wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        gate = _dot(x, wg, gate, UPCAST)
-        up = _dot(x, wu, up, UPCAST)
+        gate = dot(x, wg, gate, UPCAST)
+        up = dot(x, wu, up, UPCAST)
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
     if ROUND_BF16:  # the spec: bf16 GEMM outputs, bf16 GELU, bf16 product
-        act = _round_bf16(_round_bf16(_gelu_tanh(_round_bf16(gate))) * _round_bf16(up))
+        act = round_bf16(round_bf16(gelu_tanh(round_bf16(gate))) * round_bf16(up))
     else:
-        act = _gelu_tanh(gate) * up
+        act = gelu_tanh(gate) * up
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
@@ -308,7 +271,7 @@ def _down_kernel(act_ptr, w_ptr, sorted_ptr, block_expert_ptr, out_ptr, H, INTER
                  stride_we, stride_wn, stride_wk,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -330,11 +293,11 @@ def _down_kernel(act_ptr, w_ptr, sorted_ptr, block_expert_ptr, out_ptr, H, INTER
             k_ok = ks + k0 < INTER
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(a, w, acc, UPCAST)
+        acc = dot(a, w, acc, UPCAST)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if ROUND_BF16:
-        acc = _round_bf16(acc)  # exact in bf16 now: the store's conversion cannot truncate it differently
+        acc = round_bf16(acc)  # exact in bf16 now: the store's conversion cannot truncate it differently
     out_ptrs = out_ptr + pair[:, None].to(tl.int64) * H + cols[None, :]  # row pair = token * k + slot
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=real[:, None] & col_ok[None, :])
 
@@ -361,9 +324,9 @@ def down_config(block: int, hidden: int, inter: int, dtype: torch.dtype) -> dict
 
 def _gemm_config(block: int, n: int, k: int, block_n: int, dtype: torch.dtype) -> dict:
     """Tiles of a grouped GEMM with n output columns and depth k, clamped for small shapes (tests)."""
-    block_k = _pow2(k, lo=16, hi=64)
-    return dict(BLOCK_M=block, BLOCK_N=_pow2(n, lo=16, hi=block_n), BLOCK_K=block_k, GROUP_M=8,
-                EVEN_K=k % block_k == 0, ROUND_BF16=dtype == torch.bfloat16, UPCAST=_upcast(), num_warps=4,
+    block_k = pow2(k, lo=16, hi=64)
+    return dict(BLOCK_M=block, BLOCK_N=pow2(n, lo=16, hi=block_n), BLOCK_K=block_k, GROUP_M=8,
+                EVEN_K=k % block_k == 0, ROUND_BF16=dtype == torch.bfloat16, UPCAST=interpreting(), num_warps=4,
                 num_stages=3)
 
 

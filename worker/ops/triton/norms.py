@@ -6,7 +6,7 @@ product with a model-dtype parameter) is done here at the same point, with bit a
 interpreter's own bf16 conversion truncates), so bf16 results agree to the last bit except where a float32
 reduction order differs. Each input row is read once and each output row written once.
 
-The helpers `round_to`, `inv_rms_of`, `dtype_mode` and `rows` serve the RoPE and MLP kernels too.
+`inv_rms_of` serves the RoPE kernel too; the dtype helpers are in `common.py`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.fused import _round_bf16
-
-# model dtype -> the MODE constexpr of `round_to`
-MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def dtype_mode(dtype: torch.dtype) -> int:
-    if dtype not in MODES:
-        raise ValueError(f"the Triton dgserve ops support {tuple(MODES)}, not {dtype}")
-    return MODES[dtype]
+from worker.ops.triton.common import dtype_mode, round_to, rows
 
 
 def row_block(n: int) -> tuple[int, int]:
@@ -32,21 +23,6 @@ def row_block(n: int) -> tuple[int, int]:
     row (BLOCK 4096) is 8 warps and the loads stay 16-byte vectors."""
     block = triton.next_power_of_2(n)
     return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
-def rows(t: torch.Tensor) -> torch.Tensor:
-    """t with unit stride in its last dim (the kernels take row strides and assume it)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-@triton.jit
-def round_to(x, MODE: tl.constexpr):
-    """float32 -> the nearest value of the model dtype (MODE 0 float32, 1 bfloat16, 2 float16), kept in float32."""
-    if MODE == 1:
-        x = _round_bf16(x)
-    elif MODE == 2:
-        x = x.to(tl.float16).to(tl.float32)
-    return x
 
 
 @triton.jit

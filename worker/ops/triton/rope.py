@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.ops.triton.norms import dtype_mode, inv_rms_of, round_to, rows
+from worker.ops.triton.common import dtype_mode, round_to, rows
+from worker.ops.triton.norms import inv_rms_of
 
 TILE = 2048  # values per half-tile of a program: 16 query heads of D=256 (or 8 of 512) per program, 8 warps
 
