@@ -9,6 +9,8 @@ duplicated (must be 0), and whether the worker was alive after each test (each t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import http.client
 import json
 import socket
@@ -47,7 +49,7 @@ class Tally:
     dropped: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
-    alive: list[str] = field(default_factory=list)
+    alive: list[tuple[str, bool]] = field(default_factory=list)  # (batch, worker and gateway alive after it)
 
     def answer(self, code: int) -> None:
         self.inputs += 1
@@ -56,8 +58,9 @@ class Tally:
     def report(self) -> str:
         return (f"inputs tried {self.inputs}; 2xx {self.status['2xx']}, 4xx {self.status['4xx']}, "
                 f"5xx {self.status['5xx']}; connections dropped {len(self.dropped)}; requests lost "
-                f"{len(self.lost)}, duplicated {len(self.duplicated)}; worker alive after each batch: "
-                f"{', '.join(self.alive)}")
+                f"{len(self.lost)}, duplicated {len(self.duplicated)}; worker alive after "
+                f"{sum(ok for _, ok in self.alive)} of {len(self.alive)} batches"
+                + "".join(f"\n  NOT alive after {name}" for name, ok in self.alive if not ok))
 
 
 class Attack:
@@ -152,7 +155,7 @@ def batch(request, attack: Attack) -> Iterator[None]:
     """Each test is a batch of attacks: afterwards the worker and the gateway must still be alive."""
     yield
     alive = attack.worker.alive() and attack.svc.gateway.alive()
-    attack.tally.alive.append(f"{request.node.name}: {'yes' if alive else 'NO'}")
+    attack.tally.alive.append((request.node.name, alive))
     assert alive, attack.worker.log()[-3000:]
 
 
@@ -399,43 +402,55 @@ def test_a_cancel_sent_right_after_queued_is_never_lost(attack: Attack):
     assert max(steps) < 300
 
 
+@contextlib.contextmanager
+def inprocess_runner(model, tokenizer, tmp_path: Path, observer=None) -> Iterator[str]:
+    """A worker's runner and engine in this process, on a Redis of their own; yields the Redis URL."""
+    import threading
+
+    from dgserve.redis_server import RedisServer
+    from worker.engine import Engine, EngineConfig
+    from worker.runner import Runner
+
+    server = RedisServer(data_dir=tmp_path / "redis").start()
+    runner = Runner(Engine(model, EngineConfig(max_batch=4, max_context=512)), tokenizer, server.url, "inproc",
+                    "inproc-1", heartbeat_interval_s=0.5, observer=observer)
+    runner.start()
+    loop = threading.Thread(target=runner.run, daemon=True)
+    loop.start()
+    try:
+        yield server.url
+    finally:
+        runner.stop()
+        loop.join(timeout=30)
+        server.close()
+
+
+def inprocess_job(tokenizer, rid: str, **sampling) -> contract.Job:
+    params = dict(max_new_tokens=32, max_denoising_steps=300, entropy_bound=0.1, t_min=0.4, t_max=0.8,
+                  stability_threshold=1, confidence_threshold=1e-9, seed=1)
+    return contract.Job(request_id=rid, model="inproc", prompt_ids=tokenizer("hello")["input_ids"],
+                        sampling=contract.Sampling(**{**params, **sampling}))
+
+
 def test_a_cancel_that_lands_between_take_and_admission_is_kept(tiny_model, tmp_path):
     """Item 6, with the window held open: an in-process runner (real engine, real Redis) whose admission hook
     is slow. The engine is busy with another request, so a cancel that reached it before the job would be
     forgotten at the next step; the request must still end `cancelled`, not run its 300 steps."""
-    import threading
-
-    from dgserve.redis_server import RedisServer
     from service.broker import Broker
-    from worker.engine import Engine, EngineConfig
-    from worker.runner import Runner
 
     model, tokenizer = tiny_model
-    sampling = dict(max_new_tokens=32, max_denoising_steps=300, entropy_bound=0.1, t_min=0.4, t_max=0.8,
-                    stability_threshold=1, confidence_threshold=1e-9)
-
-    def job(rid: str) -> contract.Job:
-        return contract.Job(request_id=rid, model="inproc", prompt_ids=tokenizer("hello")["input_ids"],
-                            sampling=contract.Sampling(seed=1, **sampling))
 
     def slow_admission(kind: str, payload: object) -> None:
         if kind == "admitted" and getattr(payload, "request_id", "") == "target":
             time.sleep(0.5)
 
-    server = RedisServer(data_dir=tmp_path / "redis").start()
-    runner = Runner(Engine(model, EngineConfig(max_batch=4, max_context=512)), tokenizer, server.url, "inproc",
-                    "inproc-1", heartbeat_interval_s=0.5, observer=slow_admission)
-    runner.start()
-    loop = threading.Thread(target=runner.run, daemon=True)
-    loop.start()
-
-    async def scenario() -> list[str]:
-        broker = Broker(server.url)
+    async def scenario(url: str) -> list[str]:
+        broker = Broker(url)
         try:
-            await broker.submit(job("busy"), tenant="t", max_depth=10)
+            await broker.submit(inprocess_job(tokenizer, "busy"), tenant="t", max_depth=10)
             while (await broker.status("busy")).get("status") != "running":
                 await asyncio.sleep(0.01)
-            await broker.submit(job("target"), tenant="t", max_depth=10)
+            await broker.submit(inprocess_job(tokenizer, "target"), tenant="t", max_depth=10)
             while (await broker.status("target")).get("status") != "running":  # taken: now in its admission
                 await asyncio.sleep(0.005)
             await broker.cancel("target")
@@ -445,14 +460,39 @@ def test_a_cancel_that_lands_between_take_and_admission_is_kept(tiny_model, tmp_
         finally:
             await broker.close()
 
-    try:
-        kinds = asyncio.run(asyncio.wait_for(scenario(), timeout=120))
-    finally:
-        runner.stop()
-        loop.join(timeout=30)
-        server.close()
+    with inprocess_runner(model, tokenizer, tmp_path, observer=slow_admission) as url:
+        kinds = asyncio.run(asyncio.wait_for(scenario(url), timeout=120))
     print(f"\ncancelled inside the take window: {Counter(kinds)}")
     assert kinds[-1] == "cancelled" and kinds.count("step") < 300, Counter(kinds)
+
+
+def test_a_step_with_non_finite_entropies_ends_its_request(tiny_model, tmp_path):
+    """Item 8, at the worker: a model that yields NaN (here a copy with a poisoned output head) ends the request
+    with a `numerical_error`; no step with NaN is ever written (JSON has no NaN: followers would choke)."""
+    import copy
+
+    import torch
+
+    from service.broker import Broker
+
+    model, tokenizer = tiny_model
+    poisoned = copy.deepcopy(model)
+    with torch.no_grad():
+        poisoned.lm_head.weight.fill_(float("nan"))
+
+    async def scenario(url: str) -> list[str]:
+        broker = Broker(url)
+        try:
+            await broker.submit(inprocess_job(tokenizer, "nan", max_denoising_steps=4), tenant="t", max_depth=10)
+            return [raw.text async for _, raw in broker.events("nan")]
+        finally:
+            await broker.close()
+
+    with inprocess_runner(poisoned, tokenizer, tmp_path) as url:
+        texts = asyncio.run(asyncio.wait_for(scenario(url), timeout=120))
+    events = [json.loads(t) for t in texts]
+    assert [e["type"] for e in events] == ["queued", "error"], texts  # not one step written
+    assert events[-1]["code"] == "numerical_error", events[-1]
 
 
 # ----------------------------------------------------------------- 9: deadlines, request streams, context
@@ -730,3 +770,125 @@ def test_a_stream_resumes_after_the_gateway_restarts(attack: Attack):
     assert attack.http.get(f"/requests/{rid}/events", headers=AUTH2).status_code == 404
     attack.tally.answer(200)
     attack.tally.answer(404)
+
+
+# ----------------------------------------------------------------- fuzz: every field, hostile JSON
+DEEP_MARK = "\x00deep\x00"  # stands for a 5,000-deep array, spliced into the encoded text
+
+
+@functools.cache
+def hostile_values():
+    """NaN, infinities, overflow, lone surrogates, deep nesting, integers past 64 bits, strings for numbers,
+    and random JSON around them."""
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(
+        st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e-39, "\ud800", "a\udfffb", "", "yes", "12",
+                         2**63, -(2**63) - 1, 10**40, -1, 0, True, None, DEEP_MARK]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        st.integers(min_value=2**63, max_value=2**90), st.integers(max_value=-(2**63) - 1, min_value=-(2**90)),
+    )
+    return st.recursive(scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(
+        st.text(max_size=6), kids, max_size=3), max_leaves=6)
+
+
+def encode_hostile(value: dict) -> str:
+    """JSON as a hostile client writes it: NaN and Infinity bare, surrogates escaped, DEEP_MARK spliced."""
+    return json.dumps(value, allow_nan=True).replace(json.dumps(DEEP_MARK), "[" * 5000 + "]" * 5000)
+
+
+def route_fields() -> dict[str, tuple[dict, list[str]]]:
+    """Each JSON route: a valid body that runs two denoising steps, and every field it takes."""
+    from service.openai_schemas import ChatRequest, CompletionRequest
+    from service.routes.sudoku import SudokuRequest
+    from service.schemas import GenerateRequest
+
+    quick = {"max_denoising_steps": 2}
+    return {
+        "/generate": ({"prompt": "fuzz", "max_new_tokens": 8, **quick}, list(GenerateRequest.model_fields)),
+        "/sudoku": ({"puzzle": PUZZLE, "model": "adv", "attempts": 1, **quick}, list(SudokuRequest.model_fields)),
+        "/v1/completions": ({"model": "adv", "prompt": "fuzz", "max_tokens": 8, **quick},
+                            list(CompletionRequest.model_fields)),
+        "/v1/chat/completions": ({"model": "adv", "messages": [{"role": "user", "content": "fuzz"}],
+                                  "max_tokens": 8, **quick}, list(ChatRequest.model_fields)),
+    }
+
+
+def test_fuzzed_json_on_every_field_never_gets_a_5xx(attack: Attack):
+    """Hypothesis replaces up to three fields of a valid body (any field of the route, or an unknown one) with
+    hostile values: every answer is below 500, and the connection serves the next request."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    routes = route_fields()
+    seen: Counter = Counter()
+
+    @given(route=st.sampled_from(sorted(routes)), data=st.data())
+    @settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def attack_route(route: str, data) -> None:
+        base, fields = routes[route]
+        names = data.draw(st.lists(st.sampled_from([*fields, "\ud800", "extra"]), min_size=1, max_size=3,
+                                   unique=True))
+        body = {**base, **{name: data.draw(hostile_values()) for name in names}}
+        status, text = attack.raw("POST", route, encode_hostile(body))
+        seen[f"{status // 100}xx"] += 1
+        assert status < 500 and "Traceback" not in text, (route, body, status, text[:300])
+
+    attack_route()
+    print(f"\nHTTP fuzz: {dict(seen)}")
+    assert seen["4xx"] > 50
+
+
+def test_fuzzed_websocket_messages_never_break_the_connection(attack: Attack):
+    """The same on one WebSocket: every kind of message with hostile fields, each followed by a sentinel
+    that must be answered; no internal errors; the connection then still runs a request to the end."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from service.routes.ws import WsResume, WsSudoku
+    from service.schemas import WsCancel, WsGenerate
+
+    kinds = {"generate": list(WsGenerate.model_fields), "sudoku": list(WsSudoku.model_fields),
+             "cancel": list(WsCancel.model_fields), "resume": list(WsResume.model_fields)}
+    bases = {"generate": {"prompt": "fuzz", "max_new_tokens": 8, "max_denoising_steps": 2},
+             "sudoku": {"puzzle": PUZZLE, "model": "adv", "attempts": 1, "max_denoising_steps": 2},
+             "cancel": {}, "resume": {"request_id": "nope"}}
+    codes: Counter = Counter()
+
+    async def session(messages: list[str]) -> list[dict]:
+        events: list[dict] = []
+        async with websockets.connect(attack.svc.ws_url, additional_headers=AUTH1, max_size=None) as ws:
+            for n, raw in enumerate(messages):
+                await ws.send(raw)
+                await ws.send(json.dumps({"type": "cancel", "request_id": f"sentinel-{n}"}))
+                while True:
+                    event = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
+                    events.append(event)
+                    if event.get("request_id") == f"sentinel-{n}":
+                        break
+            await ws.send(json.dumps({"type": "generate", "prompt": "after the fuzz", "max_new_tokens": 8,
+                                      "max_denoising_steps": 2, "ref": "last"}))
+            last = None
+            while not (events[-1].get("type") == "done" and events[-1].get("request_id") == last):
+                event = json.loads(await asyncio.wait_for(ws.recv(), timeout=30))
+                if event.get("type") == "queued" and event.get("ref") == "last":
+                    last = event["request_id"]
+                events.append(event)
+        return events
+
+    @given(kind=st.sampled_from(sorted(kinds)), data=st.data())
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def message(kind: str, data) -> None:
+        names = data.draw(st.lists(st.sampled_from([*kinds[kind], "extra"]), min_size=1, max_size=3, unique=True))
+        body = {"type": kind, **bases[kind], **{name: data.draw(hostile_values()) for name in names}}
+        batch.append(encode_hostile(body))
+
+    batch: list[str] = []
+    message()
+    events = asyncio.run(session(batch))
+    for e in events:
+        codes[e.get("code") or e["type"]] += 1
+    attack.tally.inputs += len(batch)
+    print(f"\nWebSocket fuzz: {len(batch)} messages, events {dict(codes)}")
+    assert not codes["internal_error"] and codes["done"] >= 1

@@ -86,11 +86,11 @@ class Session:
         if not isinstance(data, dict):
             return await self.problem("invalid_message", "message must be a JSON object with a `type`")
         handlers = {"generate": self.generate, "sudoku": self.sudoku, "cancel": self.cancel, "resume": self.resume}
-        handler = handlers.get(data.get("type"))  # type: ignore[arg-type]
+        kind = data.get("type")
+        handler = handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
-            kind = printable(data.get("type"))[:64]
-            return await self.problem("invalid_message",
-                                      f"unknown message type {kind!r}; use generate, sudoku, cancel or resume")
+            return await self.problem("invalid_message", f"unknown message type {printable(kind)[:64]!r}; use "
+                                      "generate, sudoku, cancel or resume")
         await handler(data)
 
     async def forward(self, rid: str, deadline: float | None, offset: int = 0) -> None:
