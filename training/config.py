@@ -62,8 +62,8 @@ def apply_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
             cfg.batch_size = 4096 if cuda else 32
         else:
             cfg.batch_size = 768 if cuda else 16
-    if not cfg.lr:
-        cfg.lr = 2e-3 if cuda else 1e-3
+    if not cfg.lr:  # a continued checkpoint starts at half the peak: it is trained already
+        cfg.lr = (1e-3 if cfg.init else 2e-3) if cuda else 1e-3
     if not cfg.warmup_steps:
         cfg.warmup_steps = 5 if cfg.smoke else (150 if cuda else 20)
     if cfg.compile is None:

@@ -84,7 +84,7 @@ class Heartbeat:
     def __init__(self, what: str, log: Callable[[str], None], every: float = 10.0):
         self.what, self.log, self.every = what, log, every
         self.stop = threading.Event()
-        self.started = 0.0
+        self.started = self.seconds = 0.0
 
     def _beat(self) -> None:
         while not self.stop.wait(self.every):
