@@ -15,7 +15,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="", help="text-config overrides, e.g. hidden_size=128,num_hidden_layers=4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=0, help="default: 4096 sudoku / 768 text on CUDA, small on CPU")
-    p.add_argument("--lr", type=float, default=0.0, help="peak learning rate (default: 2e-3 CUDA, 1e-3 with --init or on a CPU)")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="peak learning rate (default: 2e-3 CUDA, 1e-3 with --init or on a CPU)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit)")
     p.add_argument("--max-seconds", type=float, default=0.0,
