@@ -14,7 +14,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="", help="model size preset (default: the task's; 'smoke' with --smoke)")
     p.add_argument("--arch", default="", help="text-config overrides, e.g. hidden_size=128,num_hidden_layers=4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=0, help="default: 4096 sudoku / 768 text on CUDA, small on CPU")
+    p.add_argument("--batch-size", type=int, default=0, help="default: 4096 sudoku / 512 text on CUDA, small on CPU")
     p.add_argument("--lr", type=float, default=0.0,
                    help="peak learning rate (default: 2e-3 CUDA, 1e-3 with --init or on a CPU)")
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -55,7 +55,7 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
     t.add_argument("--canvas-length", type=int, default=64)
     t.add_argument("--chat-fraction", type=float, default=0.2)
 
-    c = sub.add_parser("corpus", help="dump the text corpus (KJV + fortunes) to a file")
+    c = sub.add_parser("corpus", help="dump the text corpus (KJV + fortunes + Devil's Dictionary) to a file")
     c.add_argument("--out", default=None, help="default build/corpus.jsonl.gz")
     c.add_argument("--mini", action="store_true", help="rebuild the bundled excerpt training/data/mini_corpus.jsonl")
 

@@ -61,7 +61,7 @@ def apply_defaults(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         elif cfg.task == "sudoku":
             cfg.batch_size = 4096 if cuda else 32
         else:
-            cfg.batch_size = 768 if cuda else 16
+            cfg.batch_size = 512 if cuda else 16
     if not cfg.lr:  # a continued checkpoint starts at half the peak: it is trained already
         cfg.lr = (1e-3 if cfg.init else 2e-3) if cuda else 1e-3
     if not cfg.warmup_steps:
