@@ -26,11 +26,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _first_step_that_fits(run, lr: float, log) -> None:
+    """The first step (compilation), halving the batch while it runs out of memory, as training does."""
+    while True:
+        try:
+            first_step(run, run.task.batch(0), lr, log)
+            return
+        except torch.OutOfMemoryError:
+            if run.cfg.batch_size <= 16:
+                raise
+            run.opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            run.cfg.batch_size //= 2
+            log(f"WARNING: out of memory; batch size halved to {run.cfg.batch_size}")
+
+
 def measure(cfg: TrainConfig, steps: int, warmup: int, log=print) -> dict:
     run = build_run(cfg, log)
     device, lr = run.device, run.cfg.lr
     started = time.time()
-    first_step(run, run.task.batch(0), lr, log)
+    _first_step_that_fits(run, lr, log)
     for k in range(1, warmup):
         train_step(run, run.task.batch(k), lr)
     _sync(device)
