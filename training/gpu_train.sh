@@ -5,7 +5,7 @@
 #
 # The prepared GPU call (issue 17): both models side by side, continued from the committed ones, the text model at
 # canvas 256, packed under $OUT (one .tar.gz per model, each < 16 MB, plus summary.{txt,json}):
-#   training/gpu_train.sh /tmp/dg-models 500 --init-from models --text-canvas 256 \
+#   training/gpu_train.sh /tmp/dg-models 420 --init-from models --text-canvas 256 \
 #       --corpus build/corpus.jsonl.gz --pack "$OUT"
 #
 # Sudoku puzzles come from the committed bank (training/data/sudoku_bank.npz): the GPU machine needs neither
