@@ -65,7 +65,7 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
 
     b = sub.add_parser("sudoku-bank", help="generate, rate and pack the unique-solution training puzzles (gcc, qqwing)")
     b.add_argument("--out", default=None, help="default training/data/sudoku_bank.npz")
-    b.add_argument("--puzzles", type=int, default=48_000)
+    b.add_argument("--puzzles", type=int, default=96_000)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, default=2)
 
