@@ -447,6 +447,7 @@ def test_training_can_continue_from_a_checkpoint(tmp_path):
     result = train(TrainConfig(task="sudoku", out=str(second), smoke=True, device="cpu", init=str(first), seed=5,
                                max_steps=1, lr=1e-9), log=logs.append)
     assert result["init_from"]["path"] == str(first) and result["init_from"]["steps"] == 6
+    assert result["evals"][0]["step"] == 0  # the starting point is measured: nothing worse is ever saved
     assert any("initialised from" in line for line in logs)
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys()

@@ -152,6 +152,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             **task.metadata(),
         }
 
+    if cfg.init:  # a continued run measures where it starts: what it saves is never worse than that
+        checkpoint(task.evaluate(model, final=False), final=False)
+        last_eval = time.time()
+
     while True:
         if cfg.max_steps and step >= cfg.max_steps:
             break
