@@ -25,7 +25,7 @@ import torch
 
 from training.config import TrainConfig
 from training.model import param_count
-from training.run import build_run, device_name, first_step, peak_flops, train_step
+from training.run import Heartbeat, build_run, device_name, first_step, peak_flops, train_step
 from training.tasks import Task
 from worker.checkpoints import save_checkpoint
 
@@ -153,7 +153,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         }
 
     if cfg.init:  # a continued run measures where it starts: what it saves is never worse than that
-        checkpoint(task.evaluate(model, final=False), final=False)
+        with Heartbeat(f"{task.name}: evaluating the starting point (compiles the no-grad graphs)", log):
+            start_eval = task.evaluate(model, final=False)
+        checkpoint(start_eval, final=False)
         last_eval = time.time()
 
     while True:
