@@ -153,7 +153,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         }
 
     if cfg.init:  # a continued run measures where it starts: what it saves is never worse than that
-        with Heartbeat(f"{task.name}: evaluating the starting point (compiles the no-grad graphs)", log):
+        note = " (and compiling the no-grad graphs)" if cfg.compile else ""
+        with Heartbeat(f"{task.name}: evaluating the starting point{note}", log):
             start_eval = task.evaluate(model, final=False)
         checkpoint(start_eval, final=False)
         last_eval = time.time()
