@@ -28,6 +28,10 @@ GROUP = "workers"
 EVENT_FIELD = "e"
 JOB_FIELD = "job"
 CANCEL_FIELD = "request_id"  # of a dg:cancels entry
+REASON_FIELD = "reason"  # of a dg:deadletter entry, beside JOB_FIELD
+# fields of a request hash (the Lua scripts below spell them too)
+STATUS_FIELD = "status"  # queued | running | done | error | cancelled
+TENANT_FIELD = "tenant"  # the caller that submitted it (service.identity)
 HANDED_BACK = "handed-back"  # the consumer a draining worker gives its jobs back to, for others to reclaim at once
 
 EVENTS_TTL_S = 3600  # a client may reconnect and replay for an hour

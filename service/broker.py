@@ -129,7 +129,7 @@ class Broker:
 
     async def owner(self, request_id: str) -> str | None:
         """The tenant that submitted a request (None: no such request is kept)."""
-        tenant = await self.redis.hget(contract.request_key(request_id), "tenant")
+        tenant = await self.redis.hget(contract.request_key(request_id), contract.TENANT_FIELD)
         return tenant.decode() if tenant is not None else None
 
     async def expire_if_queued(self, request_id: str) -> bool:

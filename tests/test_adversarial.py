@@ -576,7 +576,7 @@ HOSTILE_HTTP = [
     ("/generate", '{"prompt": "x", "max_new_tokens": ' + "9" * 5000 + "}", ""),
     ("/generate", '{"prompt": ' + DEEP + "}", ""),
     ("/generate", "[" * 100_000, ""),
-    ("/generate", '{"prompt": "x", "t_max": 1e-39}', "t_max"),  # item 8
+    ("/generate", '{"prompt": "x", "t_min": 0, "t_max": 1e-39}', "t_max"),  # item 8
     ("/generate", '{"prompt": "x", "template": "a__b", "template_hole": "__"}', "template_hole"),  # item 13
     ("/generate", '{"prompt": "x", "seed": "12"}', "seed"),
     ("/v1/completions", '{"model": "adv", "prompt": "x", "t_max": NaN}', "t_max"),
@@ -585,8 +585,8 @@ HOSTILE_HTTP = [
     ("/v1/completions", '{"model": "adv", "prompt": "x", "stop": ["\\ud800"]}', "stop"),
     ("/v1/completions", '{"model": "adv", "prompt": "x", "max_tokens": 1e999}', "max_tokens"),
     ("/v1/completions", '{"model": "adv", "prompt": "x", "stream": "yes"}', "stream"),  # item 13
-    ("/v1/completions", '{"model": "adv", "prompt": "x", "t_max": 1e-39, "stream": true, "diffusing": true}',
-     "t_max"),  # item 8
+    ("/v1/completions", '{"model": "adv", "prompt": "x", "t_min": 0, "t_max": 1e-39, "stream": true, '
+     '"diffusing": true}', "t_max"),  # item 8
     ("/v1/chat/completions", '{"model": "adv", "messages": [{"role": "user", "content": "\\ud800"}]}', "content"),
     ("/v1/chat/completions", '{"model": "\\udbff", "messages": []}', "model"),
     ("/sudoku", '{"puzzle": "' + PUZZLE + '", "model": "adv", "t_min": NaN}', "t_min"),

@@ -88,10 +88,10 @@ class WorkerBroker:
         pipe = self.redis.pipeline()
         pipe.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(error)})
         pipe.expire(contract.events_key(rid), contract.EVENTS_TTL_S)
-        pipe.hset(contract.request_key(rid), "status", contract.final_status(error))
+        pipe.hset(contract.request_key(rid), contract.STATUS_FIELD, contract.final_status(error))
         if deadletter:
-            pipe.xadd(contract.DEADLETTER, {contract.JOB_FIELD: contract.encode(job), "reason": error.message},
-                      maxlen=contract.DEADLETTER_MAXLEN, approximate=True)
+            entry = {contract.JOB_FIELD: contract.encode(job), contract.REASON_FIELD: error.message}
+            pipe.xadd(contract.DEADLETTER, entry, maxlen=contract.DEADLETTER_MAXLEN, approximate=True)
         pipe.xack(self.stream, contract.GROUP, entry_id)
         pipe.xdel(self.stream, entry_id)
         pipe.execute()
