@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from worker.ops.registry import op
 
 
-def allowed_keys(L: int, n: int, q_start: int, causal: bool, window: int, device) -> torch.Tensor | None:
-    """(L, n) bool: which keys query j may attend (None: all of them)."""
-    if not causal:
-        return None
-    t = torch.arange(n, device=device)[None, :]
-    qpos = q_start + torch.arange(L, device=device)[:, None]
-    mask = t <= qpos
-    if window > 0:
-        mask &= (qpos - t) < window
+def allowed_keys(L: int, kv_len: torch.Tensor, q_start: torch.Tensor, width: int, causal: bool, window: int
+                 ) -> torch.Tensor:
+    """(B, L, width) bool: which keys query j of row b may attend."""
+    t = torch.arange(width, device=kv_len.device)[None, None, :]
+    mask = t < kv_len[:, None, None]
+    if causal:
+        qpos = q_start[:, None, None] + torch.arange(L, device=kv_len.device)[None, :, None]
+        mask = mask & (t <= qpos)
+        if window > 0:
+            mask = mask & ((qpos - t) < window)
     return mask
 
 
@@ -32,17 +33,24 @@ def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots
     """q (B, L, Hq, D); pools (S, Hkv, capacity, D); slots, kv_len, q_start (B,) int64 -> (B, L, Hq, D).
 
     Query j of row b sits at key index q_start[b] + j (causal passes only); with `causal` it sees keys
-    t <= q_start[b] + j, and with `window` > 0 only those with (q_start[b] + j) - t < window.
+    t <= q_start[b] + j, and with `window` > 0 only those with (q_start[b] + j) - t < window. Keys past
+    kv_len[b] (or the capacity) are never seen; a query that may see no key gets zeros.
     """
     B, L, Hq, D = q.shape
-    out = torch.empty_like(q)
-    for b, (slot, n, start) in enumerate(zip(slots.tolist(), kv_len.tolist(), q_start.tolist(), strict=True)):
-        keys, values = k_pool[slot, :, :n], v_pool[slot, :, :n]  # (Hkv, n, D)
-        mask = allowed_keys(L, n, start, causal, window, q.device)
-        o = F.scaled_dot_product_attention(q[b].transpose(0, 1), keys.to(q.dtype), values.to(q.dtype),
-                                           attn_mask=mask, scale=scale, enable_gqa=True)  # (Hq, L, D)
-        out[b] = o.transpose(0, 1)
-    return out
+    kv_len = kv_len.clamp(max=k_pool.shape[2])
+    width = int(kv_len.max()) if B else 0
+    if width == 0:
+        return torch.zeros_like(q)
+    keys = k_pool.index_select(0, slots)[:, :, :width].to(q.dtype)  # (B, Hkv, width, D)
+    values = v_pool.index_select(0, slots)[:, :, :width].to(q.dtype)
+    mask = allowed_keys(L, kv_len, q_start, width, causal, window)  # (B, L, width)
+    full = not causal and bool((kv_len == width).all())  # the decoder with rows of one length: no mask at all
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=None if full else mask[:, None],
+                                         scale=scale, enable_gqa=True)  # (B, Hq, L, D)
+    out = out.transpose(1, 2)
+    if not full:  # a query with nothing to see: zeros (sdpa gives NaN there)
+        out = out.masked_fill(~mask.any(-1)[:, :, None, None], 0.0)
+    return out.contiguous()
 
 
 @attention.register_fake

@@ -87,17 +87,40 @@ def expert_rows(sorted_ids: torch.Tensor, block_expert: torch.Tensor, block: int
         yield e, rows, sorted_ids[rows].long()
 
 
+def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, block_expert: torch.Tensor) -> torch.Tensor | None:
+    """rows (P, K) of the aligned layout through their blocks' experts, weight (E, N, K) -> (P, N), in one grouped
+    GEMM; None where torch has none for these tensors (tensor subclasses, unaligned strides: the caller loops).
+    Rows past the last expert's group are left undefined."""
+    aligned = all(d * rows.element_size() % 16 == 0 for d in weight.shape[1:])
+    if not (hasattr(torch, "_grouped_mm") and type(weight) in (torch.Tensor, torch.nn.Parameter) and aligned
+            and rows.dtype in (torch.float32, torch.bfloat16)):
+        return None
+    block = rows.shape[0] // block_expert.shape[0]
+    counts = torch.bincount(block_expert[block_expert >= 0].long(), minlength=weight.shape[0]) * block
+    try:
+        return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=torch.cumsum(counts, 0).to(torch.int32))
+    except RuntimeError:  # a layout this build of torch refuses
+        return None
+
+
 @op("moe_gate_up", mutates_args=())
 def moe_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                 num_padded: torch.Tensor, top_k: int) -> torch.Tensor:
     """x (N, H), w_gate_up (E, 2I, H) -> act (P, I): row p = GELU(gate) * up of its pair's token through its
     block's expert (padding rows: zeros)."""
     N = x.shape[0]
+    pairs = N * top_k
     block = sorted_ids.shape[0] // block_expert.shape[0]
     inter = w_gate_up.shape[1] // 2
+    real = (sorted_ids < pairs) & (block_expert.repeat_interleave(block) >= 0)
+    tokens = sorted_ids.clamp(max=pairs - 1).long() // top_k
+    grouped = grouped_linear(x[tokens], w_gate_up, block_expert)
+    if grouped is not None:
+        gate, up = grouped.chunk(2, dim=-1)
+        return torch.where(real[:, None], F.gelu(gate, approximate="tanh") * up, 0.0).to(x.dtype)
     out = x.new_zeros((sorted_ids.shape[0], inter))
-    for e, rows, pairs in expert_rows(sorted_ids, block_expert, block, N * top_k):
-        gate, up = F.linear(x[pairs // top_k], w_gate_up[e]).chunk(2, dim=-1)
+    for e, rows, pair in expert_rows(sorted_ids, block_expert, block, pairs):
+        gate, up = F.linear(x[pair // top_k], w_gate_up[e]).chunk(2, dim=-1)
         out[rows] = F.gelu(gate, approximate="tanh") * up
     return out
 
@@ -111,10 +134,16 @@ def _(x, w_gate_up, sorted_ids, block_expert, num_padded, top_k):
 def moe_down(act: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
              num_padded: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     """act (P, I), w_down (E, H, I) -> (N, k, H): each pair's expert output at [token, slot] (unweighted)."""
+    pairs = num_tokens * top_k
     block = sorted_ids.shape[0] // block_expert.shape[0]
-    out = act.new_empty((num_tokens * top_k, w_down.shape[1]))
-    for e, rows, pairs in expert_rows(sorted_ids, block_expert, block, num_tokens * top_k):
-        out[pairs] = F.linear(act[rows], w_down[e])
+    out = act.new_empty((pairs, w_down.shape[1]))
+    grouped = grouped_linear(act, w_down, block_expert)
+    if grouped is not None:
+        real = torch.nonzero((sorted_ids < pairs) & (block_expert.repeat_interleave(block) >= 0)).squeeze(1)
+        out[sorted_ids[real].long()] = grouped[real]
+        return out.view(num_tokens, top_k, -1)
+    for e, rows, pair in expert_rows(sorted_ids, block_expert, block, pairs):
+        out[pair] = F.linear(act[rows], w_down[e])
     return out.view(num_tokens, top_k, -1)
 
 

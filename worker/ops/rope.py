@@ -13,16 +13,15 @@ from worker.ops.norms import rms
 from worker.ops.registry import op
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
-    """The reference's RoPE: x (B, L, heads, D), positions (B, L), inv_freq (D/2,) float32 -> (B, L, heads, D).
-
-    cos/sin are computed in float32 and rounded to x's dtype, as transformers' rotary embedding does; the rotation
-    runs in x's dtype, as `apply_rotary_pos_emb` does.
-    """
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype):
+    """The reference's RoPE tables: computed in float32, rounded to the model dtype. -> cos, sin (B, L, 1, D)."""
     freqs = positions[..., None].float() * inv_freq.float()
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos = (emb.cos() * scale).to(x.dtype)[:, :, None, :]
-    sin = (emb.sin() * scale).to(x.dtype)[:, :, None, :]
+    return (emb.cos() * scale).to(dtype)[:, :, None, :], (emb.sin() * scale).to(dtype)[:, :, None, :]
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference's `apply_rotary_pos_emb` in x's dtype: x (B, L, heads, D) -> (B, L, heads, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -53,10 +52,11 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None,
     """
     B, L = positions.shape
     D = q_weight.shape[0]
-    qs = rotary(rms(q.view(B, L, -1, D), q_weight, eps), positions, inv_freq, rope_scale)
+    cos, sin = cos_sin(positions, inv_freq, rope_scale, q.dtype)
+    qs = rotary(rms(q.view(B, L, -1, D), q_weight, eps), cos, sin)
     ks = k.view(B, L, -1, D)
     values = rms(ks if v is None else v.view(B, L, -1, D), None, eps)
-    keys = rotary(rms(ks, k_weight, eps), positions, inv_freq, rope_scale)
+    keys = rotary(rms(ks, k_weight, eps), cos, sin)
     store(k_pool, keys, slots, start)
     store(v_pool, values, slots, start)
     return qs
