@@ -557,3 +557,14 @@ def test_layer_halves_trace_whole_for_the_compiler():
         results.append((out.loss.item(), model.model.decoder.layers[0].mlp.gate_proj.weight.grad))
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_bank_command_without_qqwing_says_so_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """Fails before generating anything (it used to find out after minutes of generation)."""
+    from training.cli import main
+
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert main(["sudoku-bank", "--puzzles", "10", "--out", str(tmp_path / "b.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: qqwing is not installed") and "Traceback" not in err
+    assert not (tmp_path / "b.npz").exists()

@@ -115,7 +115,14 @@ def parse_arch(text: str) -> dict:
 def main(argv: list[str] | None = None, prog: str = "python -m training") -> int:
     started = time.time()
     args = build_parser(prog).parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args, started)
+    except FileNotFoundError as exc:  # a missing tool or package: say which, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
+
+def _run(args: argparse.Namespace, started: float) -> int:
     if args.command == "corpus":
         from training import data as D
 

@@ -156,6 +156,9 @@ def bank_keys(bank: Bank) -> set[bytes]:
 
 def build_bank(n: int, out: Path, seed: int = 0, workers: int = 2, chunk: int = 500, log=print) -> dict:
     """Generate `n` puzzles (in `workers` processes), rate and re-count them with qqwing, pack to `out`."""
+    if shutil.which("qqwing") is None:  # before minutes of generation, not after
+        raise FileNotFoundError("qqwing is not installed (apt-get install qqwing): it rates the bank")
+    build_library()
     started = time.time()
     jobs = [(min(chunk, n - a), seed * 1_000_003 + a) for a in range(0, n, chunk)]
     puzzles, solutions = [], []
