@@ -8,7 +8,9 @@
 #                                    #   1, 4, 16, 32 (1024 in / 1024 out, 16 steps), start-up seconds, step profile
 #   bash scripts/gpu_run.sh kernels  # ~5 min: the batch-32 and batch-1 steps kernel by kernel (torch.profiler)
 #   bash scripts/gpu_run.sh int4     # ~5 min: the 24 GB mode, peak memory and tok/s at 1 and 8
-#   bash scripts/gpu_run.sh train    # <= 9 min: both embedded checkpoints from their current weights (issue 17)
+#   bash scripts/gpu_run.sh train    # <= 10 min: the sudoku training step's examples/s alone, then both embedded
+#                                    #   checkpoints trained side by side from their current weights (issue 17);
+#                                    #   needs build/corpus.jsonl.gz carried (`python -m training corpus`)
 #
 # Needs `.whl/` carried (the image has transformers 5.17; DiffusionGemma needs 5.24): `pip download --no-deps
 # transformers==5.24.0 torchao==0.18.0 -d .whl`. Try it first with a short timeout: `check` fails fast.
@@ -47,9 +49,11 @@ case "${1:-}" in
       --new-tokens 512 --modes eager+fused --profile-batch 8 --chunk-rows 4 --budget-s 280 \
       --out "$OUT/engine_realscale_int4_$CARD.json" 2>&1 | quiet
     ;;
-  train)
-    timeout 560 python3 -m training gpu --out /tmp/dg-models --budget "${BUDGET:-420}" --pack "$OUT" \
-      --corpus build/corpus.jsonl.gz
+  train)  # the sudoku step alone first (the only single-model figure; warms the compile cache), then both side by side
+    timeout 120 python3 -m training throughput --task sudoku --device cuda --steps 30 --warmup 3 \
+      --out "$OUT/training_throughput_$CARD.json"
+    PYTHON=python3 timeout 470 training/gpu_train.sh /tmp/dg-models "${BUDGET:-420}" --init-from models \
+      --text-canvas 256 --corpus build/corpus.jsonl.gz --pack "$OUT"
     ;;
   *) echo "usage: $0 check|bench|kernels|int4|train"; exit 2 ;;
 esac
