@@ -580,7 +580,7 @@ class EngineMode:
         worker would, so that its atomic publish script writes the events. Times its two halves."""
         import threading
 
-        from dgserve import contract
+        from protocol import contract
         from worker.runner import Runner, _Held
 
         runner = Runner(self.engine, self.tokenizer, self.redis_url, "bench-publisher", "bench-publisher")
@@ -732,7 +732,7 @@ def engine_params(served, r: Req):
 
 def python_costs(tokenizer, steps: list, batch: int) -> dict:
     """What the layers above the engine do per step event, timed here, one core, no contention."""
-    from dgserve import contract
+    from protocol import contract
     from worker.text import Detokenizer
 
     if not steps:
@@ -915,7 +915,7 @@ def resolve_checkpoint(args) -> tuple[str, str]:
     elif (REPO / "models" / "text" / "config.json").exists():
         path, kind = REPO / "models" / "text", "trained (models/text)"
     else:
-        from worker.checkpoints import build_random_checkpoint
+        from training.checkpoints import build_random_checkpoint
 
         path = Path(tempfile.mkdtemp(prefix="dg-bench-ckpt-")) / "random"
         print(f"models/text does not exist: building an UNTRAINED checkpoint (canvas 32) in {path}", flush=True)

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.service_runner import service  # noqa: E402
-from dgserve.sudoku import is_valid_solution  # noqa: E402
+from protocol.sudoku import is_valid_solution  # noqa: E402
 from training.sudoku_bank import BANK_PATH, bank_keys, load_bank, puzzle_keys  # noqa: E402
 
 DIFFICULTIES = ("simple", "easy", "intermediate", "expert")

@@ -56,7 +56,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _build_random(args: argparse.Namespace) -> int:
-    from worker.checkpoints import build_random_checkpoint
+    from training.checkpoints import build_random_checkpoint
 
     path = build_random_checkpoint(args.out, seed=args.seed, canvas_length=args.canvas_length)
     print(f"built {path}")

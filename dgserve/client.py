@@ -12,7 +12,7 @@
         print(stream.result.text)
 
 `generate` is `POST /generate`; `stream` is one request over `WS /ws/generate` (its own connection), every
-event typed with the models of `dgserve.contract`. Errors raise a `DgError` subclass: `ValidationError`
+event typed with the models of `protocol.contract`. Errors raise a `DgError` subclass: `ValidationError`
 (422, naming the field), `Overloaded` (429), `Unavailable` (503), `AuthError` (401), `RequestFailed` (a
 request that ended with an error, with its `code`), `ServiceUnreachable` (nothing answers at the URL),
 `RequestTimeout`. `retries=` retries 429 and 503 after their Retry-After (off by default).
@@ -40,8 +40,8 @@ import websockets.asyncio.client as ws_async
 import websockets.sync.client as ws_sync
 from pydantic import BaseModel, ConfigDict
 
-from dgserve.contract import Canvas, Done, Error, Queued, Restarted, Step, Usage
-from dgserve.sudoku import canvas_cells, draft_grid, is_valid_solution, normalize_puzzle, problems
+from protocol.contract import Canvas, Done, Error, Queued, Restarted, Step, Usage
+from protocol.sudoku import canvas_cells, draft_grid, is_valid_solution, normalize_puzzle, problems
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 300.0  # seconds: a whole POST /generate, or the longest wait between two streamed events
@@ -171,7 +171,7 @@ class SudokuResult(BaseModel):
 
 
 def parse_event(data: Mapping[str, Any]) -> Event:
-    """A WebSocket event (decoded JSON) as its `dgserve.contract` model; unknown fields are dropped."""
+    """A WebSocket event (decoded JSON) as its `protocol.contract` model; unknown fields are dropped."""
     model = _EVENT_TYPES.get(str(data.get("type")))
     if model is None:
         raise DgError(f"unknown event type {data.get('type')!r}")

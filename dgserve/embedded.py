@@ -44,7 +44,7 @@ def default_models() -> str:
     random_dir = base / "tiny-random"
     if not (random_dir / "config.json").exists():
         print(f"no trained checkpoints under {base}; building an untrained one at {random_dir}", flush=True)
-        from worker.checkpoints import build_random_checkpoint
+        from training.checkpoints import build_random_checkpoint
 
         build_random_checkpoint(random_dir)
     return f"random={random_dir}"

@@ -36,7 +36,7 @@ from dgserve.client import (
     Unavailable,
     ValidationError,
 )
-from dgserve.sudoku import EXAMPLE_PUZZLE, draft_grid, normalize_puzzle, problems
+from protocol.sudoku import EXAMPLE_PUZZLE, draft_grid, normalize_puzzle, problems
 
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
 HIGHLIGHT = "\x1b[30;103m"  # black on bright yellow: a cell that changed at this step

@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
-from dgserve import contract
+from protocol import contract
 from service.broker import REDIS_DOWN, Broker, Overloaded
 from service.deps import Gateway
 from service.edge import BodyLimit, CountRequests, InternalErrors, safe_errors

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis import exceptions as redis_exc
 
-from dgserve import contract
+from protocol import contract
 
 log = logging.getLogger(__name__)
 

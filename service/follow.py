@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from fastapi.responses import JSONResponse
 
-from dgserve import contract
+from protocol import contract
 from service.deps import Gateway
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from dgserve import contract
+from protocol import contract
 from service.deps import Gateway
 from service.registry import Registry, ServedModel
 from service.schemas import GenerateRequest, SamplingFields

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dgserve.contract import Usage
+from protocol.contract import Usage
 
 
 class Message(BaseModel):

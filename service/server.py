@@ -10,7 +10,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from dgserve.logs import setup_logging
+from protocol.logs import setup_logging
 from service.app import create_app
 from service.settings import GatewaySettings
 

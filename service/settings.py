@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from dgserve.contract import EVENTS_TTL_S
+from protocol.contract import EVENTS_TTL_S
 
 
 def _split(value: object) -> object:

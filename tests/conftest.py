@@ -10,7 +10,7 @@ from tests.procs import Service
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """An untrained 4-layer DiffusionGemma (canvas 32), built deterministically, loaded via from_pretrained."""
-    from worker.checkpoints import build_random_checkpoint
+    from training.checkpoints import build_random_checkpoint
 
     return build_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, canvas_length=32)
 

@@ -27,7 +27,7 @@ import pytest
 import redis
 import websockets
 
-from dgserve import contract
+from protocol import contract
 from tests.procs import Service
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ class Attack:
 def adversarial_checkpoint(out: Path) -> Path:
     """An untrained DiffusionGemma with one token per printable character and an 81-position canvas, so that
     one model serves /generate, /v1 and /sudoku."""
-    from worker.checkpoints import char_tokenizer, generation_config, random_model, save_checkpoint, tiny_config
+    from training.checkpoints import char_tokenizer, generation_config, random_model, save_checkpoint, tiny_config
 
     tok = char_tokenizer(string.digits + string.ascii_letters + string.punctuation + " ")
     model = random_model(tiny_config(vocab_size=len(tok), canvas_length=81), seed=0)

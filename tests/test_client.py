@@ -41,8 +41,8 @@ from dgserve.client import (
 )
 from dgserve.client import _StreamState as StreamState
 from dgserve.redis_server import free_port
-from dgserve.sudoku import EXAMPLE_PUZZLE, EXAMPLE_SOLUTION, canvas_cells, is_valid_solution, normalize_puzzle
 from dgserve.terminal import advance, render_grid, sanitize
+from protocol.sudoku import EXAMPLE_PUZZLE, EXAMPLE_SOLUTION, canvas_cells, is_valid_solution, normalize_puzzle
 from tests.procs import Service
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def fill_queue(ws_url: str, model: str) -> None:
 
 @pytest.fixture(scope="module")
 def sudoku_checkpoint(tmp_path_factory) -> Path:
-    from worker.checkpoints import char_tokenizer, generation_config, random_model, save_checkpoint, tiny_config
+    from training.checkpoints import char_tokenizer, generation_config, random_model, save_checkpoint, tiny_config
 
     tok = char_tokenizer("0123456789.")
     model = random_model(tiny_config(vocab_size=len(tok), canvas_length=81), seed=0)

@@ -77,7 +77,7 @@ def test_philox_gumbel_samples_follow_the_softmax():
 def test_engine_with_the_fused_sampler_is_batch_invariant_and_reproducible(tmp_path):
     """Gumbel noise comes from each request's seed and its positions only: a request's tokens do not
     depend on its neighbours, and the same seed gives the same tokens."""
-    from worker.checkpoints import build_random_checkpoint
+    from training.checkpoints import build_random_checkpoint
     from worker.engine import Engine, EngineConfig
     from worker.loading import load_model
     from worker.types import DoneEvent, EngineRequest, SamplingParams

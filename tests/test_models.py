@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from dgserve.sudoku import EXAMPLE_PUZZLE, canvas_cells, is_valid_solution
+from protocol.sudoku import EXAMPLE_PUZZLE, canvas_cells, is_valid_solution
 from tests.procs import Service
 from worker.engine import Engine, EngineConfig
 from worker.types import EngineRequest, SamplingParams

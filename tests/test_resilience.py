@@ -15,7 +15,7 @@ import redis
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from dgserve import contract
+from protocol import contract
 from tests.procs import Service
 
 pytestmark = pytest.mark.slow

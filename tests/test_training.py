@@ -20,6 +20,7 @@ import torch
 
 from training import data as D
 from training import sudoku_bank as SB
+from training.checkpoints import BOS_ID, EOS_ID, EOT_ID, PAD_ID, SOT_ID, train_tokenizer
 from training.model import (
     CHECKPOINT_LIMIT_BYTES,
     SAFETY_BYTES,
@@ -35,7 +36,6 @@ from training.model import (
     use_fused_rms_norm,
     use_split_layers,
 )
-from worker.checkpoints import BOS_ID, EOS_ID, EOT_ID, PAD_ID, SOT_ID, train_tokenizer
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.checkpoints import BOS_ID, EOS_ID, EOT_ID, PAD_ID, char_tokenizer
+from training.checkpoints import BOS_ID, EOS_ID, EOT_ID, PAD_ID, char_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SUDOKU_EVAL_PATH = DATA_DIR / "sudoku_eval.csv"

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
+from training.checkpoints import tiny_config
 from training.split_layers import use_split_layers
-from worker.checkpoints import tiny_config
 
 # ------------------------------------------------------------------------------------------------- presets
 

@@ -8,9 +8,9 @@ from contextlib import nullcontext
 import torch
 
 from training import data as D
+from training.checkpoints import EOS_ID, EOT_ID, generation_config, train_tokenizer
 from training.config import TrainConfig
 from training.evaluate import SamplerSettings, evaluate_sudoku, text_samples, text_val_loss
-from worker.checkpoints import EOS_ID, EOT_ID, generation_config, train_tokenizer
 
 
 class Task:

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from training.checkpoints import save_checkpoint
 from training.config import TrainConfig
 from training.model import param_count
 from training.run import Heartbeat, build_run, device_name, first_step, peak_flops, train_step
 from training.tasks import Task
-from worker.checkpoints import save_checkpoint
 
 __all__ = ["TrainConfig", "train"]
 

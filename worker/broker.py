@@ -1,6 +1,6 @@
 """The worker's side of the Redis contract (the mirror of `service/broker.py`): take jobs, publish events,
 renew leases, fail, hand back, follow cancels. Blocking calls, made from the runner's I/O threads; every key,
-field and script comes from `dgserve.contract`."""
+field and script comes from `protocol.contract`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import redis
 
-from dgserve import contract
+from protocol import contract
 
 log = logging.getLogger(__name__)
 

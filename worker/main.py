@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from dgserve.logs import setup_logging
+from protocol.logs import setup_logging
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("dgserve.worker")

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from dgserve import contract
+from protocol import contract
 
 P = "dgserve:"
 log = logging.getLogger("dgserve.requests")

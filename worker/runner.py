@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from dgserve import contract
+from protocol import contract
 from worker.broker import REDIS_ERRORS, Publication, WorkerBroker
 from worker.engine import Engine
 from worker.text import Detokenizer

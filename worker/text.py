@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dgserve import contract
+from protocol import contract
 from worker.types import CanvasEvent, DoneEvent, EngineEvent, ErrorEvent, StepEvent
 
 _INCOMPLETE = "\ufffd"  # a multi-byte character cut by a canvas boundary decodes to U+FFFD

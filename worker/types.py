@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dgserve.contract import Sampling as SamplingParams  # one definition of a request's parameters
+from protocol.contract import Sampling as SamplingParams  # one definition of a request's parameters
 
 
 @dataclass(frozen=True)

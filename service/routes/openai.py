@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from dgserve import contract
+from protocol import contract
 from service.broker import Overloaded
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.follow import ERROR_STATUS, expire_at, submit_all, wait_final

@@ -14,8 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, field_validator
 
-from dgserve import contract
-from dgserve.sudoku import canvas_cells, is_valid_solution, normalize_puzzle, problems
+from protocol import contract
+from protocol.sudoku import canvas_cells, is_valid_solution, normalize_puzzle, problems
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.follow import error_response, submit_all, wait_final
 from service.jobs import attempt_seed, build_job

@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dgserve import contract
+from protocol import contract
 from service.broker import REDIS_DOWN, Overloaded
 from service.deps import Gateway, GatewayDep, key_is_valid, same_origin_or_allowed, websocket_key
 from service.follow import expire_at, submit_all

@@ -1,0 +1,9 @@
+"""The protocol between dgserve's processes: the leaf every other package imports, importing none of them.
+
+    contract.py   every Redis key, field, payload, request status and Lua script; client settings for Redis
+    sudoku.py     the rules of a Sudoku (normalising, checking, reading a grid out of a canvas)
+    logs.py       one logging setup for every process
+
+Layers, each importing only those before it: protocol -> service (the gateway, no torch) and worker (the engine) ->
+training (checkpoints, evaluation) -> dgserve (the entry layer: CLI, `up`, terminal, client).
+"""
