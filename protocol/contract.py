@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -94,6 +95,58 @@ def client_options(asynchronous: bool, blocking: bool = False) -> dict[str, Any]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------ sampling
+# transformers' DiffusionGemmaGenerationConfig defaults, used where a checkpoint sets nothing
+REFERENCE_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 256,
+    "max_denoising_steps": 48,
+    "entropy_bound": 0.1,
+    "t_min": 0.4,
+    "t_max": 0.8,
+    "stability_threshold": 1,
+    "confidence_threshold": 0.005,
+}
+
+
+def _read(source: Any, key: str) -> Any:
+    """`key` of a mapping (a JSON file read) or an attribute of an object (transformers' config classes)."""
+    if source is None:
+        return None
+    return source.get(key) if isinstance(source, Mapping) else getattr(source, key, None)
+
+
+def sampling_defaults(generation_config: Any) -> dict[str, Any]:
+    """The sampler's defaults of a checkpoint: its `generation_config.json` (as a dict) or transformers'
+    `DiffusionGemmaGenerationConfig`, the reference's own defaults where it sets nothing. The entropy bound is
+    read from its `sampler_config` (an `EntropyBoundSamplerConfig` or its dict), as the reference does."""
+    defaults = dict(REFERENCE_DEFAULTS)
+    for key in REFERENCE_DEFAULTS:
+        if (value := _read(generation_config, key)) is not None:
+            defaults[key] = value
+    bound = _read(_read(generation_config, "sampler_config"), "entropy_bound")
+    if bound is not None:
+        defaults["entropy_bound"] = bound
+    return defaults
+
+
+def eos_token_ids(generation_config: Any, model_config: Any = None) -> tuple[int, ...]:
+    """The EOS ids a request stops at: the generation config's `eos_token_id`, else the model config's text
+    config's (one id or a list; none: no EOS stop)."""
+    eos = _read(generation_config, "eos_token_id")
+    if eos is None:
+        eos = _read(_read(model_config, "text_config"), "eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in eos) if isinstance(eos, list | tuple) else (int(eos),)
+
+
+def default_sampling(generation_config: Any, *, seed: int, **overrides: Any) -> Sampling:
+    """A request's parameters from a checkpoint's generation config: its defaults and EOS ids, with `overrides`
+    (any field of `Sampling`) on top."""
+    values = {**sampling_defaults(generation_config), "eos_token_ids": eos_token_ids(generation_config)}
+    return Sampling(**{**values, **overrides, "seed": seed})
 
 
 class Sampling(_Model):

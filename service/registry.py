@@ -14,18 +14,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-log = logging.getLogger(__name__)
+from protocol import contract
 
-# transformers' DiffusionGemmaGenerationConfig defaults, used where a checkpoint sets nothing
-REFERENCE_DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 256,
-    "max_denoising_steps": 48,
-    "entropy_bound": 0.1,
-    "t_min": 0.4,
-    "t_max": 0.8,
-    "stability_threshold": 1,
-    "confidence_threshold": 0.005,
-}
+log = logging.getLogger(__name__)
 
 
 def _read_json(source: str, filename: str) -> dict[str, Any]:
@@ -50,7 +41,6 @@ class ServedModel:
     canvas_length: int
     defaults: dict[str, Any]
     eos_token_ids: tuple[int, ...]
-    extra: dict[str, Any]
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -69,20 +59,12 @@ class ServedModel:
 def load_model(name: str, source: str) -> ServedModel:
     config = _read_json(source, "config.json")
     generation = _read_json(source, "generation_config.json")
-    defaults = dict(REFERENCE_DEFAULTS)
-    for key in REFERENCE_DEFAULTS:
-        if generation.get(key) is not None:
-            defaults[key] = generation[key]
-    sampler = generation.get("sampler_config") or {}
-    if sampler.get("entropy_bound") is not None:
-        defaults["entropy_bound"] = sampler["entropy_bound"]
-    eos = generation.get("eos_token_id", config.get("text_config", {}).get("eos_token_id"))
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    defaults = contract.sampling_defaults(generation)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
     log.info("model %s from %s: canvas %s, defaults %s", name, source, config.get("canvas_length"), defaults)
     return ServedModel(
         name=name, source=source, tokenizer=tokenizer, canvas_length=int(config.get("canvas_length", 256)),
-        defaults=defaults, eos_token_ids=eos_ids, extra=_read_json(source, "dgserve.json"),
+        defaults=defaults, eos_token_ids=contract.eos_token_ids(generation, config),
     )
 
 
