@@ -19,10 +19,12 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+from string import Template
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 PREFIX = "dg"
 GROUP = "workers"
@@ -30,9 +32,15 @@ EVENT_FIELD = "e"
 JOB_FIELD = "job"
 CANCEL_FIELD = "request_id"  # of a dg:cancels entry
 REASON_FIELD = "reason"  # of a dg:deadletter entry, beside JOB_FIELD
-# fields of a request hash (the Lua scripts below spell them too)
-STATUS_FIELD = "status"  # queued | running | done | error | cancelled
+# fields of a request hash (formatted into the Lua scripts below)
+STATUS_FIELD = "status"  # a Status
+CANCEL_REQUESTED_FIELD = "status_requested"  # CANCEL_REQUESTED once a client asked to cancel (any status)
+CANCEL_REQUESTED = "cancel"
+MODEL_FIELD = "model"
+ATTEMPTS_FIELD = "attempts"  # how many times a worker took it
+CREATED_AT_FIELD = "created_at"
 TENANT_FIELD = "tenant"  # the caller that submitted it (service.identity)
+WORKER_FIELD = "worker"  # the worker that took it last
 HANDED_BACK = "handed-back"  # the consumer a draining worker gives its jobs back to, for others to reclaim at once
 
 EVENTS_TTL_S = 3600  # a client may reconnect and replay for an hour
@@ -42,6 +50,47 @@ HEARTBEAT_TTL_S = 15
 CANCEL_STREAM_MAXLEN = 10_000
 DEADLETTER_MAXLEN = 10_000
 REQUEST_STREAM_MAX_AGE_S = REQUEST_TTL_S  # past any request's queue time and running deadline
+
+
+class Status(StrEnum):
+    """A request's status (its hash's STATUS_FIELD)."""
+
+    QUEUED = "queued"  # accepted, waiting for a worker
+    RUNNING = "running"  # a worker took it
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATUSES = frozenset({Status.DONE, Status.ERROR, Status.CANCELLED})
+# The only moves a request's status makes, and who makes them. The Lua scripts below refuse any other.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    # TAKE_LUA; TIMEOUT_LUA (still queued at its deadline) or a worker failing it at take; a cancel seen at take
+    Status.QUEUED: frozenset({Status.RUNNING, Status.ERROR, Status.CANCELLED}),
+    # taken again (its worker died: TAKE_LUA); its final event (PUBLISH_LUA) or a worker failing it at take
+    Status.RUNNING: frozenset({Status.RUNNING, Status.DONE, Status.ERROR, Status.CANCELLED}),
+    Status.DONE: frozenset(),
+    Status.ERROR: frozenset(),
+    Status.CANCELLED: frozenset(),
+}
+
+
+def may_move(current: str | None, to: str) -> bool:
+    """Whether a request in status `current` (None: no status kept) may move to `to`."""
+    return current is None or to in TRANSITIONS[Status(current)]
+
+
+class Take(StrEnum):
+    """A worker's verdict on a job it read (TAKE_LUA)."""
+
+    RUN = "run"
+    CANCEL = "cancel"  # cancelled while it waited: end it as cancelled
+    SKIP = "skip"  # it already ended (timed out, cancelled, or finished by an earlier owner)
+
+
+# error codes both sides give (an Error event's `code`) where a rule of this module decides
+CANCELLED = "cancelled"
+TIMEOUT = "timeout"  # no worker took the request before its deadline
 
 
 def request_stream(model: str) -> str:
@@ -162,6 +211,20 @@ class Sampling(_Model):
     seed: int
     eos_token_ids: tuple[int, ...] = ()
 
+    @model_validator(mode="after")
+    def _schedule(self) -> Sampling:
+        if (problem := temperature_problem(self.t_min, self.t_max)) is not None:
+            raise ValueError(problem)
+        return self
+
+
+def temperature_problem(t_min: float, t_max: float) -> str | None:
+    """Why t_max down to t_min is no temperature schedule (None: it is one). The gateway names the field with it
+    before a job exists; a job never holds another."""
+    if t_max > t_min:
+        return None
+    return f"t_max ({t_max}) must be greater than t_min ({t_min})"
+
 
 class Job(_Model):
     """One accepted request, as queued for a worker."""
@@ -177,6 +240,17 @@ class Job(_Model):
     # the running deadline (per attempt): a job past either ends with a `deadline_exceeded` error
     max_steps: int | None = None  # denoising steps, over all its canvases
     max_running_s: float | None = None  # seconds since a worker took it
+
+    def past_queue_deadline(self, attempt: int = 1, now: float | None = None) -> bool:
+        """Whether the job waited in the queue past its deadline at its `attempt`-th take (a job taken again
+        after its worker died has run: no longer). Either side ends such a job with `queue_timeout`: the gateway
+        at the deadline (TIMEOUT_LUA), a worker that takes it later."""
+        return attempt <= 1 and self.deadline is not None and (time.time() if now is None else now) > self.deadline
+
+
+def queue_timeout(request_id: str) -> Error:
+    """The error of a request no worker took before its deadline."""
+    return Error(request_id=request_id, code=TIMEOUT, message="no worker took the request before its deadline")
 
 
 # ------------------------------------------------------------------ events
@@ -225,7 +299,19 @@ class Usage(_Model):
     completion_tokens: int
     canvases: int
     denoising_steps: int
-    tokens_per_forward: float
+    tokens_per_forward: float  # completion tokens per denoising step
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, canvases: int, denoising_steps: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, canvases=canvases,
+                   denoising_steps=denoising_steps,
+                   tokens_per_forward=round(completion_tokens / max(denoising_steps, 1), 4))
+
+    @classmethod
+    def total(cls, usages: Sequence[Usage]) -> Usage:
+        """The usage of several samples of one prompt (n > 1): the prompt counted once, the rest summed."""
+        return cls.of(usages[0].prompt_tokens, sum(u.completion_tokens for u in usages),
+                      sum(u.canvases for u in usages), sum(u.denoising_steps for u in usages))
 
 
 class Done(_Model):
@@ -249,11 +335,11 @@ _event_adapter: TypeAdapter[Any] = TypeAdapter(Event)
 FINAL_TYPES = frozenset({"done", "error"})
 
 
-def final_status(event: Done | Error) -> str:
-    """The request status a final event leaves (the request hash's `status`)."""
+def final_status(event: Done | Error) -> Status:
+    """The request status a final event leaves (the request hash's STATUS_FIELD)."""
     if event.type == "done":
-        return "done"
-    return "cancelled" if event.code == "cancelled" else "error"
+        return Status.DONE
+    return Status.CANCELLED if event.code == CANCELLED else Status.ERROR
 
 
 class RawEvent:
@@ -336,6 +422,38 @@ class WorkerInfo(_Model):
 
 
 # ------------------------------------------------------------ Lua scripts
+# Every key name, field and status below is formatted in from the names above ($name), never spelled here.
+def _lua_table(transitions: dict[Status, frozenset[Status]]) -> str:
+    """TRANSITIONS as a Lua table: {['queued'] = {['running'] = true, ...}, ...}."""
+    def row(to: frozenset[Status]) -> str:
+        return "{" + ", ".join(f"['{b}'] = true" for b in sorted(to)) + "}"
+
+    return "{" + ", ".join(f"['{a}'] = {row(to)}" for a, to in transitions.items()) + "}"
+
+
+_NAMES = {
+    "status": STATUS_FIELD, "cancel_requested_field": CANCEL_REQUESTED_FIELD, "cancel_requested": CANCEL_REQUESTED,
+    "model": MODEL_FIELD, "attempts": ATTEMPTS_FIELD, "created_at": CREATED_AT_FIELD, "tenant": TENANT_FIELD,
+    "worker": WORKER_FIELD, "event": EVENT_FIELD, "job": JOB_FIELD, "transitions": _lua_table(TRANSITIONS),
+    **{status.name.lower(): status.value for status in Status}, **{f"take_{t.name.lower()}": t.value for t in Take},
+}
+
+
+def _lua(*parts: str) -> str:
+    return Template("".join(parts)).substitute(_NAMES)
+
+
+# `move(hash, to)`: set a request's status if TRANSITIONS allows it from the present one (none kept: any).
+_MOVE = """
+local ALLOWED = $transitions
+local function move(hash, to)
+  local from = redis.call('HGET', hash, '$status')
+  if from and not (ALLOWED[from] or {})[to] then return false end
+  redis.call('HSET', hash, '$status', to)
+  return true
+end
+"""
+
 # `last`: the id of the last entry delivered to the group ARGV[1] on stream KEYS[1] ('0-0' if none).
 _LAST_DELIVERED = """
 local last = '0-0'
@@ -359,7 +477,7 @@ end
 # ARGV: group, max_depth, job, queued event, created_at, model, request ttl, events ttl, stream max age s,
 #       tenant, idempotency record, idempotency ttl
 # Returns {1, waiting} accepted, {0, waiting} refused, {2, record} the idempotency key's earlier request.
-SUBMIT_LUA = _LAST_DELIVERED + """
+SUBMIT_LUA = _lua(_LAST_DELIVERED, """
 if KEYS[4] then
   local taken = redis.call('GET', KEYS[4])
   if taken then return {2, taken} end
@@ -368,23 +486,23 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1} end
 local max_depth = tonumber(ARGV[2])
 local waiting = #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', max_depth)
 if waiting >= max_depth then return {0, waiting} end
-redis.call('HSET', KEYS[2], 'status', 'queued', 'model', ARGV[6], 'attempts', 0, 'created_at', ARGV[5],
-           'tenant', ARGV[10])
+redis.call('HSET', KEYS[2], '$status', '$queued', '$model', ARGV[6], '$attempts', 0, '$created_at', ARGV[5],
+           '$tenant', ARGV[10])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]))
-redis.call('XADD', KEYS[3], '*', 'e', ARGV[4])
+redis.call('XADD', KEYS[3], '*', '$event', ARGV[4])
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[8]))
 local now = redis.call('TIME')
 local min_id = string.format('%d-0', (tonumber(now[1]) - tonumber(ARGV[9])) * 1000)
-redis.call('XADD', KEYS[1], 'MINID', min_id, '*', 'job', ARGV[3])
+redis.call('XADD', KEYS[1], 'MINID', min_id, '*', '$job', ARGV[3])
 if KEYS[4] then redis.call('SET', KEYS[4], ARGV[11], 'EX', tonumber(ARGV[12])) end
 return {1, waiting}
-"""
+""")
 
 # Requests waiting in a stream, counted up to a cap (Redis 6.2 has no XINFO `lag`).
 # KEYS: request stream. ARGV: group, cap
-WAITING_LUA = _LAST_DELIVERED + """
+WAITING_LUA = _lua(_LAST_DELIVERED, """
 return #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[2]))
-"""
+""")
 
 # A worker writes a request's events only while it still owns the job (a reclaimed job's old owner must
 # never interleave its steps with the new owner's). Final events also set the status, acknowledge the job and
@@ -392,7 +510,7 @@ return #redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', tonumber(ARGV[2
 # KEYS: request stream, then per request: its events stream, its request hash
 # ARGV: group, consumer, events ttl, n, then per request: entry id, final status or '', count, events...
 # Returns the entry ids this worker no longer owns.
-PUBLISH_LUA = """
+PUBLISH_LUA = _lua(_MOVE, """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[4])
 local a, lost = 5, {}
@@ -401,10 +519,10 @@ for i = 1, n do
   local entry, final, count = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   a = a + 3
   if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) > 0 then
-    for j = 0, count - 1 do redis.call('XADD', events, '*', 'e', ARGV[a + j]) end
+    for j = 0, count - 1 do redis.call('XADD', events, '*', '$event', ARGV[a + j]) end
     redis.call('EXPIRE', events, ttl)
     if final ~= '' then
-      redis.call('HSET', hash, 'status', final)
+      move(hash, final)
       redis.call('XACK', stream, group, entry)
       redis.call('XDEL', stream, entry)
     end
@@ -414,7 +532,7 @@ for i = 1, n do
   a = a + count
 end
 return lost
-"""
+""")
 
 # Renew the leases of jobs this worker still owns (reset their idle time); report the ones it lost.
 # KEYS: request stream. ARGV: group, consumer, entry ids...
@@ -455,24 +573,27 @@ end
 return out
 """
 
-# A worker takes a job: skip it if it already ended, end it if it was cancelled while queued, else mark it
-# running here. Atomic against the gateway's queue timeout (TIMEOUT_LUA).
-# KEYS: request hash. ARGV: worker id. Returns {verdict, attempts}: run | cancel | skip.
-TAKE_LUA = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'done' or status == 'error' or status == 'cancelled' then return {'skip', 0} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if redis.call('HGET', KEYS[1], 'status_requested') == 'cancel' then return {'cancel', attempts} end
-redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
-return {'run', attempts}
-"""
+# A worker takes a job: skip it if its status may no longer become running (it ended), end it if it was
+# cancelled while queued, else mark it running here. Atomic against the gateway's queue timeout (TIMEOUT_LUA).
+# KEYS: request hash. ARGV: worker id. Returns {verdict, attempts}: a Take.
+TAKE_LUA = _lua(_MOVE, """
+local status = redis.call('HGET', KEYS[1], '$status')
+if status and not (ALLOWED[status] or {})['$running'] then return {'$take_skip', 0} end
+local attempts = redis.call('HINCRBY', KEYS[1], '$attempts', 1)
+if redis.call('HGET', KEYS[1], '$cancel_requested_field') == '$cancel_requested' then
+  return {'$take_cancel', attempts}
+end
+move(KEYS[1], '$running')
+redis.call('HSET', KEYS[1], '$worker', ARGV[1])
+return {'$take_run', attempts}
+""")
 
 # The gateway ends a request that is still queued past its deadline (no worker took it in time).
 # KEYS: request hash, events stream. ARGV: the error event, events ttl. Returns 1 if it ended it.
-TIMEOUT_LUA = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'error')
-redis.call('XADD', KEYS[2], '*', 'e', ARGV[1])
+TIMEOUT_LUA = _lua(_MOVE, """
+if redis.call('HGET', KEYS[1], '$status') ~= '$queued' then return 0 end
+move(KEYS[1], '$error')
+redis.call('XADD', KEYS[2], '*', '$event', ARGV[1])
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
 return 1
-"""
+""")

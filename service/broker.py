@@ -134,21 +134,16 @@ class Broker:
 
     async def expire_if_queued(self, request_id: str) -> bool:
         """End a request that no worker took before its deadline (a `timeout` error event)."""
-        event = contract.Error(request_id=request_id, code="timeout",
-                               message="no worker took the request before its deadline")
+        event = contract.queue_timeout(request_id)
         return bool(await self._timeout(keys=[contract.request_key(request_id), contract.events_key(request_id)],
                                         args=[contract.encode(event), contract.EVENTS_TTL_S]))
 
     async def cancel(self, request_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(contract.request_key(request_id), "status_requested", "cancel")
+        pipe.hset(contract.request_key(request_id), contract.CANCEL_REQUESTED_FIELD, contract.CANCEL_REQUESTED)
         pipe.xadd(contract.CANCELS, {contract.CANCEL_FIELD: request_id}, maxlen=contract.CANCEL_STREAM_MAXLEN,
                   approximate=True)
         await pipe.execute()
-
-    async def status(self, request_id: str) -> dict[str, str]:
-        raw = await self.redis.hgetall(contract.request_key(request_id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def workers(self) -> list[contract.WorkerInfo]:
         out = []

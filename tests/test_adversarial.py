@@ -114,7 +114,7 @@ class Attack:
         return [f[b"request_id"].decode() for _, f in self.redis.xrange(contract.CANCELS)]
 
     def status(self, rid: str) -> str:
-        return (self.redis.hget(contract.request_key(rid), "status") or b"").decode()
+        return (self.redis.hget(contract.request_key(rid), contract.STATUS_FIELD) or b"").decode()
 
     def final_types(self, rid: str) -> list[str]:
         kinds = [json.loads(f[contract.EVENT_FIELD.encode()])["type"]
