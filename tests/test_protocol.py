@@ -131,7 +131,8 @@ def test_every_script_spells_its_names_from_the_contract():
         script = getattr(contract, name)
         assert "$" not in script, name  # every placeholder was formatted in
     assert f"'{contract.CANCEL_REQUESTED_FIELD}'" in contract.TAKE_LUA
-    assert f"'{contract.Status.QUEUED}'" in contract.SUBMIT_LUA and f"'{contract.Status.QUEUED}'" in contract.TIMEOUT_LUA
+    queued = f"'{contract.Status.QUEUED}'"
+    assert queued in contract.SUBMIT_LUA and queued in contract.TIMEOUT_LUA
 
 
 def test_usage_is_built_in_one_place():
