@@ -125,7 +125,7 @@ def _materialise_quantized(model, device: torch.device, generator: torch.Generat
             for pname, param in mod.named_parameters(recurse=False):
                 setattr(target, pname, param)
             for bname, buf in mod.named_buffers(recurse=False):
-                if target._buffers.get(bname) is not None:
+                if target._buffers.get(bname) is not None or bname.endswith("_fp8_scale"):  # fp8: new buffers
                     target._buffers[bname] = buf
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -82,7 +82,8 @@ def cuobjdump() -> str:
 
 def usage(compiled) -> dict:
     """What a compiled kernel uses: shared (bytes a block), registers, stack and local (bytes a thread: spills);
-    whether its dots became wgmma, its global loads 16-byte vectors; how many pipelined (cp.async) copies it has."""
+    whether its dots became wgmma (fp8: e4m3 wgmma), its global loads 16-byte vectors; how many pipelined
+    (cp.async) copies it has."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -95,6 +96,7 @@ def usage(compiled) -> dict:
         "stack": int(re.search(r"STACK:(\d+)", dump).group(1)),
         "local": int(re.search(r"LOCAL:(\d+)", dump).group(1)),
         "wgmma": "ttng.warp_group_dot" in ttgir,
+        "fp8_wgmma": re.search(r"wgmma\.mma_async\S*\.e4m3", ptx) is not None,
         "async_loads": ttgir.count("async_copy_global_to_local"),
         "vector_loads": "ld.global.v4" in ptx,
         "cubin": len(compiled.asm["cubin"]),

@@ -2,8 +2,8 @@
 
 On the CPU we run int8 through exactly the path the GPU's int4 takes: torchao's FqnToConfig naming the 3-D
 expert parameters and the projections, `from_pretrained` with a TorchAoConfig, transformers' eager experts, the
-engine decoding eagerly. int4's kernel (tinygemm) and fp8 exist on CUDA only; their GPU run is
-`scripts/gpu_run.sh bench` (bench/engine.py --realscale --quantization int4).
+engine decoding eagerly. int4's kernel (tinygemm) exists on CUDA only; its GPU run is `scripts/gpu_run.sh int4`
+(bench/engine.py --realscale --quantization int4). fp8 is ours, not torchao's: tests/test_fp8.py.
 """
 
 from __future__ import annotations
@@ -99,12 +99,17 @@ def test_quantizing_in_memory_equals_quantizing_on_load(int8_model):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["int4", "fp8"])
-def test_cuda_only_kinds_refuse_a_cpu_with_the_reason(kind):
+def test_cuda_only_kinds_refuse_a_cpu_with_the_reason():
     with pytest.raises(ValueError, match="CUDA only; use int8 on a CPU"):
-        from_pretrained_kwargs(kind, torch.device("cpu"))
+        from_pretrained_kwargs("int4", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown quantization"):
         from_pretrained_kwargs("int3", torch.device("cpu"))
+
+
+def test_fp8_is_ours_a_plain_load_then_quantized_and_runs_on_a_cpu_too():
+    """No torchao config: the checkpoint loads in the model dtype and worker/fp8.py quantizes it (tests/test_fp8.py);
+    on a CPU the fp8 ops run their plain-torch reference."""
+    assert from_pretrained_kwargs("fp8", torch.device("cpu")) == {}
 
 
 def test_a_worker_serves_quantized_weights_and_refuses_what_cannot_run(tmp_path):

@@ -8,7 +8,7 @@ import time
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from worker.quantize import from_pretrained_kwargs, weight_bytes
+from worker.quantize import after_load, from_pretrained_kwargs, weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", quantizatio
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs).eval()
     if dev.type != "cuda":
         model.to(dev)
+    after_load(model, quantization)  # fp8: the loaded weights quantized in place
     tokenizer = AutoTokenizer.from_pretrained(path)
     log.info("loaded %s in %.1fs (weights %.2f GB, %s experts)", path, time.monotonic() - started,
              weight_bytes(model) / 1e9, model.config.get_text_config()._experts_implementation)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import worker.ops  # noqa: F401  (registers torch.ops.dgserve)
-from worker import graphs, sampler
+from worker import fp8, graphs, sampler
+from worker.fp8 import Fp8Weight
 from worker.kvcache import KVPool
 from worker.ops.registry import PLAIN
 from worker.quantize import is_quantized
@@ -44,23 +45,23 @@ class LayerWeights:
     kind: str
     head_dim: int
     input_norm: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor | None  # None: values are the keys (`attention_k_eq_v` layers)
+    q: torch.Tensor | Fp8Weight  # the projections and experts: Fp8Weight under DG_QUANTIZATION=fp8
+    k: torch.Tensor | Fp8Weight
+    v: torch.Tensor | Fp8Weight | None  # None: values are the keys (`attention_k_eq_v` layers)
     q_norm: torch.Tensor
     k_norm: torch.Tensor
-    o: torch.Tensor
+    o: torch.Tensor | Fp8Weight
     post_attn_norm: torch.Tensor
     pre_ff_norm: torch.Tensor
     pre_ff2_norm: torch.Tensor
     router_scale: torch.Tensor
     router: torch.Tensor
     per_expert_scale: torch.Tensor
-    mlp_gate: torch.Tensor
-    mlp_up: torch.Tensor
-    mlp_down: torch.Tensor
-    experts_gate_up: torch.Tensor  # (E, 2I, H)
-    experts_down: torch.Tensor  # (E, H, I)
+    mlp_gate: torch.Tensor | Fp8Weight
+    mlp_up: torch.Tensor | Fp8Weight
+    mlp_down: torch.Tensor | Fp8Weight
+    experts_gate_up: torch.Tensor | Fp8Weight  # (E, 2I, H)
+    experts_down: torch.Tensor | Fp8Weight  # (E, H, I)
     post_ff1_norm: torch.Tensor
     post_ff2_norm: torch.Tensor
     post_ff_norm: torch.Tensor
@@ -68,16 +69,16 @@ class LayerWeights:
 
     @classmethod
     def of(cls, layer, kind: str) -> LayerWeights:
-        attn = layer.self_attn
+        attn, w = layer.self_attn, fp8.weight_of
         return cls(
             kind=kind, head_dim=attn.head_dim, input_norm=layer.input_layernorm.weight,
-            q=attn.q_proj.weight, k=attn.k_proj.weight, v=attn.v_proj.weight if attn.v_proj is not None else None,
-            q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, o=attn.o_proj.weight,
+            q=w(attn.q_proj), k=w(attn.k_proj), v=w(attn.v_proj) if attn.v_proj is not None else None,
+            q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, o=w(attn.o_proj),
             post_attn_norm=layer.post_attention_layernorm.weight, pre_ff_norm=layer.pre_feedforward_layernorm.weight,
             pre_ff2_norm=layer.pre_feedforward_layernorm_2.weight, router_scale=layer.router.scale,
             router=layer.router.proj.weight, per_expert_scale=layer.router.per_expert_scale,
-            mlp_gate=layer.mlp.gate_proj.weight, mlp_up=layer.mlp.up_proj.weight, mlp_down=layer.mlp.down_proj.weight,
-            experts_gate_up=layer.experts.gate_up_proj, experts_down=layer.experts.down_proj,
+            mlp_gate=w(layer.mlp.gate_proj), mlp_up=w(layer.mlp.up_proj), mlp_down=w(layer.mlp.down_proj),
+            experts_gate_up=w(layer.experts, "gate_up_proj"), experts_down=w(layer.experts, "down_proj"),
             post_ff1_norm=layer.post_feedforward_layernorm_1.weight,
             post_ff2_norm=layer.post_feedforward_layernorm_2.weight,
             post_ff_norm=layer.post_feedforward_layernorm.weight, layer_scalar=layer.layer_scalar,
@@ -182,8 +183,9 @@ class ModelRunner:
         ops, pool, N = self.ops, self.pool, h.shape[0]
         for i, lw in enumerate(layers):
             last = i == len(layers) - 1
-            q = ops.qk_norm_rope_store(
-                F.linear(x, lw.q), F.linear(x, lw.k), None if lw.v is None else F.linear(x, lw.v), lw.q_norm,
+            q = ops.qk_norm_rope_store(  # fp8.linear etc.: F.linear / the op, or their fp8 twins for Fp8Weights
+                fp8.linear(ops, x, lw.q), fp8.linear(ops, x, lw.k), None if lw.v is None else fp8.linear(ops, x, lw.v),
+                lw.q_norm,
                 lw.k_norm, block.positions, rope.inv_freq[lw.kind], rope.scale[lw.kind], pool.keys[i],
                 pool.values[i], block.slots, block.start[lw.kind], self.eps)  # (B, L, Hq, D)
             if causal and last:
@@ -191,14 +193,14 @@ class ModelRunner:
             window = self.window if causal and lw.kind == "sliding_attention" else 0
             a = ops.attention(q, pool.keys[i], pool.values[i], block.slots, block.kv_len[lw.kind],
                               block.start[lw.kind], causal, window, 1.0)
-            a = F.linear(a.view(N, -1), lw.o)
+            a = fp8.linear(ops, a.view(N, -1), lw.o)
             h, x_mlp, x_moe, x_router = ops.post_attention(h, a, lw.post_attn_norm, lw.pre_ff_norm, lw.pre_ff2_norm,
                                                            lw.router_scale, self.eps, self.hidden_size ** -0.5)
-            m = F.linear(ops.gate_up_gelu(x_mlp, lw.mlp_gate, lw.mlp_up), lw.mlp_down)
+            m = fp8.linear(ops, fp8.gate_up_gelu(ops, x_mlp, lw.mlp_gate, lw.mlp_up), lw.mlp_down)
             weights, ids = ops.moe_route(x_router, lw.router, lw.per_expert_scale, self.top_k)
             sorted_ids, block_expert, num_padded = ops.moe_align(ids, self.num_experts, self.moe_block)
-            act = ops.moe_gate_up(x_moe, lw.experts_gate_up, sorted_ids, block_expert, num_padded, self.top_k)
-            e = ops.moe_down(act, lw.experts_down, sorted_ids, block_expert, num_padded, N, self.top_k)
+            act = fp8.moe_gate_up(ops, x_moe, lw.experts_gate_up, sorted_ids, block_expert, num_padded, self.top_k)
+            e = fp8.moe_down(ops, act, lw.experts_down, sorted_ids, block_expert, num_padded, N, self.top_k)
             w_next = layers[i + 1].input_norm if not last else w_last
             h, x = ops.ffn_combine(h, m, e, weights, lw.post_ff1_norm, lw.post_ff2_norm, lw.post_ff_norm,
                                    lw.layer_scalar, w_next, self.eps)

@@ -1,4 +1,4 @@
-"""Weight-only quantization through torchao, experts included (the 24 GB mode).
+"""Weight-only quantization: int4 and int8 through torchao (the 24 GB mode), fp8 our own; experts included.
 
 transformers' torchao integration quantizes `nn.Linear` weights by default. In DiffusionGemma almost every
 weight is elsewhere: the mixture of experts keeps each layer's experts as two 3-D parameters
@@ -15,7 +15,11 @@ Kinds:
 * `int4`: 4-bit weights, groups of 128 along the input dimension, PyTorch's tinygemm kernel (CUDA only). The
   26B-A4B weights take ~14 GB: the 24 GB-card mode.
 * `int8`: 8-bit weights, one scale per output channel (CPU and CUDA). ~27 GB for the 26B-A4B.
-* `fp8`: float8 e4m3 weights, one scale per output channel (CUDA, compute capability 8.9+). ~27 GB.
+* `fp8`: ours (`worker/fp8.py`): float8 e4m3 weights with one scale per 128 x 128 block, quantized after a plain
+  load; the model runner's fused Triton GEMMs quantize activations per (token, 128-channel group) and use fp8
+  tensor cores (CUDA, compute capability 8.9+); the same projections and experts as above, ~27 GB. On a CPU it
+  runs the plain-torch reference ops (dequantize, then the model-dtype specs). Not a torchao tensor: `is_quantized`
+  is False for it, and the engine captures CUDA graphs as for unquantized weights.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from worker import fp8
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,7 @@ TEXT_LAYERS = r".*(language_model|decoder)\.layers\.\d+\."
 
 
 def weight_config(kind: str):
-    """The torchao config for one weight."""
+    """The torchao config for one weight (int4, int8)."""
     if kind == "int4":
         from torchao.quantization import Int4WeightOnlyConfig
 
@@ -42,10 +48,6 @@ def weight_config(kind: str):
         from torchao.quantization import Int8WeightOnlyConfig
 
         return Int8WeightOnlyConfig(version=2)
-    if kind == "fp8":
-        from torchao.quantization import Float8WeightOnlyConfig
-
-        return Float8WeightOnlyConfig()
     raise ValueError(f"unknown quantization {kind!r} ({', '.join(KINDS)})")
 
 
@@ -61,23 +63,26 @@ def fqn_config(kind: str, prefix: str = TEXT_LAYERS):
 
 def check_supported(kind: str, device: torch.device) -> None:
     """Fail early, with the reason, where a kind cannot run."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown quantization {kind!r} ({', '.join(KINDS)})")
     if kind == "none":
         return
-    try:
-        import torchao  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError(f"quantization {kind!r} needs torchao: pip install 'dgserve[quant]'") from exc
-    if kind in ("int4", "fp8") and device.type != "cuda":
+    if kind != "fp8":
+        try:
+            import torchao  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError(f"quantization {kind!r} needs torchao: pip install 'dgserve[quant]'") from exc
+    if kind == "int4" and device.type != "cuda":
         raise ValueError(f"quantization {kind!r} runs on CUDA only; use int8 on a CPU")
-    if kind == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+    if kind == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError("quantization 'fp8' needs compute capability 8.9 or newer (Ada, Hopper)")
 
 
 def from_pretrained_kwargs(kind: str, device: torch.device) -> dict:
-    """Extra `from_pretrained` arguments for a quantized load (empty for kind 'none')."""
-    if kind == "none":
-        return {}
+    """Extra `from_pretrained` arguments for a quantized load (empty for 'none', and for 'fp8': `after_load`)."""
     check_supported(kind, device)
+    if kind in ("none", "fp8"):
+        return {}
     from transformers import TorchAoConfig
 
     # transformers skips every tied weight by default, and DiffusionGemma's encoder and decoder layers share all of
@@ -98,6 +103,9 @@ def quantize_model(model, kind: str, prefix: str = TEXT_LAYERS) -> None:
     if kind == "none":
         return
     check_supported(kind, next(model.parameters()).device)
+    if kind == "fp8":
+        fp8.quantize_model(model, prefix)
+        return
     from torchao.quantization import quantize_
 
     owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
@@ -117,21 +125,28 @@ def quantize_model(model, kind: str, prefix: str = TEXT_LAYERS) -> None:
         model.set_experts_implementation("eager")
 
 
+def after_load(model, kind: str) -> None:
+    """What a load with `from_pretrained_kwargs(kind)` leaves to do: fp8 quantizes the loaded weights in place."""
+    if kind == "fp8":
+        quantize_model(model, kind)
+
+
 def is_quantized_tensor(t: torch.Tensor) -> bool:
     """A torchao tensor subclass (as a parameter or its data)."""
     return type(t).__module__.startswith("torchao") or type(t.data).__module__.startswith("torchao")
 
 
 def is_quantized(model) -> bool:
-    """True when some weight is quantized."""
+    """True when some weight is a torchao tensor (those run the plain-torch ops; fp8 weights are plain tensors)."""
     return any(is_quantized_tensor(p) for p in model.parameters())
 
 
 def weight_bytes(model) -> int:
-    """Bytes held by the model's unique weights, quantized ones at their packed size."""
+    """Bytes held by the model's unique weights, quantized ones at their packed size (fp8: with their scales)."""
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
+    scales = [b for name, b in model.named_buffers() if name.endswith(fp8.SCALE_SUFFIX)]
+    for p in [*model.parameters(), *scales]:
         t = p.data
         inner = [getattr(t, name) for name in getattr(t, "tensor_data_names", ())] or [t]
         inner += [getattr(t, name) for name in getattr(t, "optional_tensor_data_names", ())

@@ -10,11 +10,12 @@ reads, writes and computes.
     rope.py       qk_norm_rope_store (q/k norms, RoPE, K/V written into the pool in place)
     attention.py  attention over each row's true length in the pool (no dense mask)
     moe.py        moe_route, moe_align, moe_gate_up, moe_down
+    fp8.py        linear_fp8, gate_up_gelu_fp8, moe_gate_up_fp8, moe_down_fp8 (block-scaled float8 weights)
 """
 
 from __future__ import annotations
 
-from worker.ops import attention, mlp, moe, norms, rope  # noqa: F401  (registers the ops)
+from worker.ops import attention, fp8, mlp, moe, norms, rope  # noqa: F401  (registers the ops)
 from worker.ops.triton_kernels import register_cuda_kernels
 
 register_cuda_kernels()

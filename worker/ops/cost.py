@@ -109,6 +109,27 @@ def _moe_down(args, out):
     return 2 * pairs * w.shape[1] * w.shape[2], read, nbytes(out)
 
 
+def _linear_fp8(args, out):
+    x, w, scale = args  # float8 weights: 1 byte each, plus their block scales
+    return 2 * x.shape[0] * x.shape[1] * w.shape[0], _all([x, w, scale]), nbytes(out)
+
+
+def _gate_up_gelu_fp8(args, out):
+    x, wg, sg, wu, su = args
+    flops, _, written = _gate_up_gelu((x, wg, wu), out)
+    return flops, _all([x, wg, sg, wu, su]), written
+
+
+def _with_expert_scales(cost: Callable) -> Callable:
+    """An expert GEMM over float8 weights (args: activations, weights, scales, the layout...): the model-dtype op's
+    figures (the weights at 1 byte) plus the scales of the experts it reads."""
+    def fp8_cost(args, out):
+        scale, block_expert = args[2], args[4]
+        flops, read, written = cost((args[0], args[1], *args[3:]), out)
+        return flops, read + _hit_experts(block_expert) * nbytes(scale[0]), written
+    return fp8_cost
+
+
 COSTS: dict[str, Callable] = {
     "rms_norm": _elementwise([0, 1]),
     "post_attention": _elementwise([0, 1, 2, 3, 4, 5]),
@@ -122,6 +143,10 @@ COSTS: dict[str, Callable] = {
     "moe_align": _elementwise([0]),
     "moe_gate_up": _moe_gate_up,
     "moe_down": _moe_down,
+    "linear_fp8": _linear_fp8,
+    "gate_up_gelu_fp8": _gate_up_gelu_fp8,
+    "moe_gate_up_fp8": _with_expert_scales(_moe_gate_up),
+    "moe_down_fp8": _with_expert_scales(_moe_down),
 }
 
 

@@ -23,6 +23,7 @@ TRITON_OPS: dict[str, tuple[str, ...]] = {
     "rope": ("qk_norm_rope_store",),
     "attention": ("attention",),
     "moe": ("moe_route", "moe_align", "moe_gate_up", "moe_down"),
+    "fp8": ("linear_fp8", "gate_up_gelu_fp8", "moe_gate_up_fp8", "moe_down_fp8"),
 }
 
 

@@ -6,6 +6,7 @@
     gelu_tanh       GELU-tanh without cancellation
     grouped_tile    program -> (m block, n tile), grouped so that weight tiles are served from L2
     interpreting    whether kernels run under TRITON_INTERPRET=1 (the UPCAST flag of `dot`)
+    round_e4m3, quantize_e4m3_rows, scaled_dot: the block-scaled fp8 GEMMs' pieces (worker/fp8.py)
     dtype_mode, rows, pow2: launcher-side helpers
 
 Why bit arithmetic: the interpreter's own bf16 conversion truncates, a GPU's rounds to nearest-even; rounding by
@@ -90,3 +91,74 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     first_m = (pid // per_group) * GROUP_M
     size = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % size, (pid % per_group) // size
+
+
+# ------------------------------------------------------------------------------------- fp8 (worker/fp8.py)
+
+
+@triton.jit
+def round_e4m3(y):
+    """float32 (|y| <= 448) -> the nearest float8 e4m3 value (ties to even, subnormals included), kept in float32.
+    Bit arithmetic, as torch rounds on the CPU and a GPU's cvt.rn does: the interpreter's own conversion rounds
+    ties away and flushes subnormals. Normal values keep 3 of float32's 23 mantissa bits; below e4m3's smallest
+    normal (2^-6) the step is 2^-9, which adding and taking away 1.5 * 2^14 rounds to (in float32 the spacing there
+    is 2^-9)."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + (((bits >> 20) & 1) + 0x7FFFF)) & -1048576).to(tl.float32, bitcast=True)
+    subnormal = (y + 24576.0) - 24576.0
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def quantize_e4m3_rows(x, UPCAST: tl.constexpr):
+    """x (M, G), each row one (token, channel group) -> its e4m3 values (float8e4nv; under the interpreter float32
+    on the e4m3 grid) and the group's scale (M,) float32: the smallest power of two s with amax / s <= 448 (as
+    `worker.fp8.pow2_scale`: amax = 1.f x 2^(E-127) needs s = 2^(E-135), or 2^(E-134) where 1.f > 1.75).
+    x / s is exact, so the only rounding is the conversion's. bf16 x stays bf16 (half the registers of float32):
+    amax and the product with a power of two are exact in it."""
+    if UPCAST or x.dtype == tl.float16:  # the interpreter's bf16 products misbehave; 2^72 does not fit float16
+        x = x.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), 1).to(tl.float32), 5.421010862427522e-20)  # worker.fp8.AMAX_FLOOR, 2^-64
+    bits = amax.to(tl.int32, bitcast=True)
+    e = (bits >> 23) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    y = x * ((127 - e) << 23).to(tl.float32, bitcast=True).to(x.dtype)[:, None]
+    if UPCAST:
+        q = round_e4m3(y.to(tl.float32))
+    else:
+        q = y.to(tl.float8e4nv)
+    return q, scale
+
+
+@triton.jit
+def scaled_dot(a, a_scale, w, w_scale, acc, UPCAST: tl.constexpr):
+    """One K block of a block-scaled fp8 GEMM: acc + (a @ w) * a_scale[:, None] * w_scale[None, :]. The block's
+    product starts from zero (fp8 tensor-core sums keep ~14 bits on Hopper: promoted to float32 every 128 channels,
+    as DeepSeek-V3 does) and is scaled in float32 (powers of two: exact)."""
+    part = dot(a, w, tl.zeros_like(acc), UPCAST)
+    return acc + part * (a_scale[:, None] * w_scale[None, :])
+
+
+@triton.jit
+def gemm_step(x, w, acc, s_ptrs, kb, FP8: tl.constexpr, UPCAST: tl.constexpr):
+    """One K step of a GEMM: acc + x @ w; FP8: x quantized per row, w float8 with its columns' scales of K block kb
+    at s_ptrs + kb."""
+    if FP8:
+        xq, xs = quantize_e4m3_rows(x, UPCAST)
+        acc = scaled_dot(xq, xs, w, tl.load(s_ptrs + kb), acc, UPCAST)
+    else:
+        acc = dot(x, w, acc, UPCAST)
+    return acc
+
+
+@triton.jit
+def gate_up_step(x, wg, wu, gate, up, sg_ptrs, su_ptrs, kb, FP8: tl.constexpr, UPCAST: tl.constexpr):
+    """One K step of a gate/up GEMM: both accumulators over the same x tile (FP8: quantized once)."""
+    if FP8:
+        xq, xs = quantize_e4m3_rows(x, UPCAST)
+        gate = scaled_dot(xq, xs, wg, tl.load(sg_ptrs + kb), gate, UPCAST)
+        up = scaled_dot(xq, xs, wu, tl.load(su_ptrs + kb), up, UPCAST)
+    else:
+        gate = dot(x, wg, gate, UPCAST)
+        up = dot(x, wu, up, UPCAST)
+    return gate, up

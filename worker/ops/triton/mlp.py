@@ -5,7 +5,8 @@ One GEMM with two float32 accumulators over the same x tiles: each program owns 
 the epilogue rounds gate and up to the model dtype (as each F.linear returns), applies GELU-tanh, rounds, multiplies,
 rounds, and writes the tile once. Programs are ordered in groups of GROUP_M row tiles so that a group's weight
 columns stay in L2 while its rows stream. The GELU, the float32-accumulating dot and the tile order are shared with the
-expert GEMMs (`worker/ops/triton/common.py`): one definition of each.
+expert GEMMs (`worker/ops/triton/common.py`): one definition of each. With FP8 it is gate_up_gelu_fp8's kernel
+(launched from fp8.py): float8 weights with 128 x 128 block scales, x quantized per 128-channel group as it loads.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.ops.triton.common import dot, dtype_mode, gelu_tanh, grouped_tile, interpreting, round_to, rows
+from worker.ops.triton.common import dtype_mode, gate_up_step, gelu_tanh, grouped_tile, interpreting, round_to, rows
 
 
 class Blocks(NamedTuple):
@@ -42,17 +43,22 @@ def blocks_for(n_rows: int) -> Blocks:
 
 
 @triton.jit
-def _gate_up_gelu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, N, INTER, H, s_x, s_wg, s_wu,
-                         MODE: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+def _gate_up_gelu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, sg_ptr, su_ptr, N, INTER, H, s_x, s_wg, s_wu, s_sg, s_su,
+                         MODE: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr):
+    """FP8: float8 weights with 128 x 128 block scales sg, su (row strides s_sg, s_su); x quantized per 128-channel
+    group as each K block (BLOCK_K 128) loads (worker/fp8.py)."""
     tile_m, tile_n = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_M), tl.cdiv(INTER, BLOCK_N), GROUP)
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # rows and columns past the edge read a valid row (their results are not stored): unmasked, vectorised loads
+    cols = offs_n % INTER
     x_ptrs = x_ptr + (offs_m % N).to(tl.int64)[:, None] * s_x + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
-    wg_ptrs = wg_ptr + (offs_n % INTER).to(tl.int64)[None, :] * s_wg + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
-    wu_ptrs = wu_ptr + (offs_n % INTER).to(tl.int64)[None, :] * s_wu + offs_k[:, None]
+    wg_ptrs = wg_ptr + cols.to(tl.int64)[None, :] * s_wg + offs_k[:, None]  # (BLOCK_K, BLOCK_N)
+    wu_ptrs = wu_ptr + cols.to(tl.int64)[None, :] * s_wu + offs_k[:, None]
+    sg_ptrs = sg_ptr + (cols // 128) * s_sg  # (BLOCK_N,) each column's block row of scales (FP8)
+    su_ptrs = su_ptr + (cols // 128) * s_su
     gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -65,8 +71,7 @@ def _gate_up_gelu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, N, INTER, H, s_x, s_wg,
             x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=k_in[:, None], other=0.0)
             wu = tl.load(wu_ptrs, mask=k_in[:, None], other=0.0)
-        gate = dot(x, wg, gate, UPCAST)
-        up = dot(x, wu, up, UPCAST)
+        gate, up = gate_up_step(x, wg, wu, gate, up, sg_ptrs, su_ptrs, k0 // BLOCK_K, FP8, UPCAST)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
@@ -76,18 +81,24 @@ def _gate_up_gelu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, N, INTER, H, s_x, s_wg,
     tl.store(dst, y.to(out_ptr.dtype.element_ty), mask=(offs_m < N)[:, None] & (offs_n < INTER)[None, :])
 
 
-def launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, blocks: Blocks) -> torch.Tensor:
-    """gate_up_gelu with the given blocks (the tests run both shape classes on small inputs)."""
-    if not x.dtype == w_gate.dtype == w_up.dtype:
+def launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, blocks: Blocks,
+           scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """gate_up_gelu with the given blocks (the tests run both shape classes on small inputs); with `scales` (of
+    w_gate and w_up), the float8 weights' gate_up_gelu_fp8 (blocks.k must be the scale block, 128)."""
+    if scales is None and not x.dtype == w_gate.dtype == w_up.dtype:
         raise ValueError(f"gate_up_gelu needs one dtype, not x {x.dtype}, w_gate {w_gate.dtype}, w_up {w_up.dtype}")
     x, w_gate, w_up = rows(x), rows(w_gate), rows(w_up)
     (N, H), inter = x.shape, w_gate.shape[0]
     out = torch.empty((N, inter), dtype=x.dtype, device=x.device)
     if N == 0 or inter == 0:
         return out
+    if scales is not None:
+        assert blocks.k == 128, f"fp8 weights are scaled per 128 channels: BLOCK_K must be 128, not {blocks.k}"
+    sg, su = (s.contiguous() for s in scales) if scales is not None else (x, x)  # unread without FP8
     grid = (triton.cdiv(N, blocks.m) * triton.cdiv(inter, blocks.n),)
-    _gate_up_gelu_kernel[grid](x, w_gate, w_up, out, N, inter, H, x.stride(0), w_gate.stride(0), w_up.stride(0),
-                               MODE=dtype_mode(x.dtype), UPCAST=interpreting(), EVEN_K=H % blocks.k == 0,
+    _gate_up_gelu_kernel[grid](x, w_gate, w_up, out, sg, su, N, inter, H, x.stride(0), w_gate.stride(0),
+                               w_up.stride(0), sg.stride(0), su.stride(0), MODE=dtype_mode(x.dtype),
+                               FP8=scales is not None, UPCAST=interpreting(), EVEN_K=H % blocks.k == 0,
                                BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP=GROUP_M,
                                num_warps=blocks.warps, num_stages=blocks.stages)
     return out

@@ -9,6 +9,9 @@
     moe_down     grid (P / BLOCK_M blocks x H / BLOCK_N tiles): act @ W_down[e]^T, each real row stored straight
                  to its pair's place out[pair // k, pair % k]
 
+The grouped GEMMs also serve the fp8 experts (FP8; launched from fp8.py): float8 weights with 128 x 128 block
+scales, the rows quantized per 128-channel group as they load.
+
 Every launch sizes its grid and outputs from shapes only (no host sync: CUDA graphs capture them); counts and
 expert ids are read inside the kernels. bf16 results repeat the spec's roundings (the GEMM outputs are rounded to
 bf16 before GELU, GELU's result before the product, as the plain-torch ops do), with the bit-exact rounding of
@@ -22,7 +25,16 @@ import triton
 import triton.language as tl
 
 from worker.ops.moe import padded_size
-from worker.ops.triton.common import dot, gelu_tanh, grouped_tile, interpreting, pow2, round_bf16
+from worker.ops.triton.common import (
+    dot,
+    gate_up_step,
+    gelu_tanh,
+    gemm_step,
+    grouped_tile,
+    interpreting,
+    pow2,
+    round_bf16,
+)
 
 # Rows per block of the aligned layout that the model runner passes as moe_align's `block` on CUDA: the M tile of
 # both grouped GEMMs (wgmma's m64 per warp group). At one canvas row (2048 pairs over 128 experts, ~16 per expert)
@@ -32,10 +44,12 @@ BLOCK_M = 64
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _check_dtypes(x: torch.Tensor, weight: torch.Tensor) -> None:
-    """Activations and weights in one supported dtype (tl.dot takes two operands of the same type)."""
-    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != x.dtype:
-        raise ValueError(f"the Triton MoE kernels take activations and weights in one of {SUPPORTED_DTYPES}, "
+def check_dtypes(x: torch.Tensor, weight: torch.Tensor, fp8: bool = False) -> None:
+    """Activations and weights in one supported dtype (tl.dot takes two operands of the same type); fp8: float8
+    e4m3 weights (the activations are quantized in the kernel)."""
+    if x.dtype not in SUPPORTED_DTYPES or weight.dtype != (torch.float8_e4m3fn if fp8 else x.dtype):
+        weights = "float8_e4m3fn weights" if fp8 else "weights in the same dtype"
+        raise ValueError(f"the Triton MoE kernels take activations in one of {SUPPORTED_DTYPES} and {weights}, "
                          f"not {x.dtype} and {weight.dtype}")
 
 
@@ -87,7 +101,7 @@ def _route_kernel(x_ptr, w_ptr, scale_ptr, weights_ptr, ids_ptr, N, H, E,
 def moe_route(x: torch.Tensor, weight: torch.Tensor, per_expert_scale: torch.Tensor, top_k: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, H), weight (E, H), per_expert_scale (E,) -> weights (N, k) float32, ids (N, k) int32."""
-    _check_dtypes(x, weight)
+    check_dtypes(x, weight)
     x, weight, per_expert_scale = x.contiguous(), weight.contiguous(), per_expert_scale.contiguous()
     N, H = x.shape
     E = weight.shape[0]
@@ -222,10 +236,12 @@ def moe_align(ids: torch.Tensor, num_experts: int, block: int) -> tuple[torch.Te
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, act_ptr, H, INTER, pairs, top_k, num_blocks,
-                    stride_we, stride_wn, stride_wk,
+def _gate_up_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, act_ptr, s_ptr, H, INTER, pairs, top_k, num_blocks,
+                    stride_we, stride_wn, stride_wk, stride_se, stride_sn,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, UPCAST: tl.constexpr):
+                    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr):
+    """FP8: float8 experts with 128 x 128 block scales (E, ceil(2I/128), ceil(H/128)) at s_ptr; the gathered rows
+    quantized per 128-channel group as each K block (BLOCK_K 128) loads (worker/fp8.py)."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(INTER, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -242,6 +258,8 @@ def _gate_up_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, act_ptr, H, INTE
     g_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
               + ks[:, None] * stride_wk)  # (BLOCK_K, BLOCK_N): W_gate^T
     u_ptrs = g_ptrs + INTER * stride_wn  # the up half: rows I .. 2I - 1
+    sg_ptrs = s_ptr + expert.to(tl.int64) * stride_se + (cols % INTER) // 128 * stride_sn  # (BLOCK_N,) FP8 scales
+    su_ptrs = s_ptr + expert.to(tl.int64) * stride_se + (INTER + cols % INTER) // 128 * stride_sn
     gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, H, BLOCK_K):
@@ -254,8 +272,7 @@ def _gate_up_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, act_ptr, H, INTE
             x = tl.load(x_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
             wg = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             wu = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        gate = dot(x, wg, gate, UPCAST)
-        up = dot(x, wu, up, UPCAST)
+        gate, up = gate_up_step(x, wg, wu, gate, up, sg_ptrs, su_ptrs, k0 // BLOCK_K, FP8, UPCAST)
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K * stride_wk
         u_ptrs += BLOCK_K * stride_wk
@@ -267,10 +284,11 @@ def _gate_up_kernel(x_ptr, w_ptr, sorted_ptr, block_expert_ptr, act_ptr, H, INTE
 
 
 @triton.jit
-def _down_kernel(act_ptr, w_ptr, sorted_ptr, block_expert_ptr, out_ptr, H, INTER, pairs, num_blocks,
-                 stride_we, stride_wn, stride_wk,
+def _down_kernel(act_ptr, w_ptr, sorted_ptr, block_expert_ptr, out_ptr, s_ptr, H, INTER, pairs, num_blocks,
+                 stride_we, stride_wn, stride_wk, stride_se, stride_sn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, UPCAST: tl.constexpr):
+                 EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, FP8: tl.constexpr, UPCAST: tl.constexpr):
+    """FP8: as in _gate_up_kernel, scales (E, ceil(H/128), ceil(I/128))."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), num_blocks, tl.cdiv(H, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
     if expert < 0:
@@ -284,6 +302,7 @@ def _down_kernel(act_ptr, w_ptr, sorted_ptr, block_expert_ptr, out_ptr, H, INTER
     a_ptrs = act_ptr + rows[:, None].to(tl.int64) * INTER + ks[None, :]  # (BLOCK_M, BLOCK_K), the block's own rows
     w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
               + ks[:, None] * stride_wk)  # (BLOCK_K, BLOCK_N): W_down^T
+    s_ptrs = s_ptr + expert.to(tl.int64) * stride_se + (cols % H) // 128 * stride_sn  # (BLOCK_N,) FP8 scales
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
         if EVEN_K:
@@ -293,7 +312,7 @@ def _down_kernel(act_ptr, w_ptr, sorted_ptr, block_expert_ptr, out_ptr, H, INTER
             k_ok = ks + k0 < INTER
             a = tl.load(a_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = dot(a, w, acc, UPCAST)
+        acc = gemm_step(a, w, acc, s_ptrs, k0 // BLOCK_K, FP8, UPCAST)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
     if ROUND_BF16:
@@ -310,55 +329,80 @@ def layout_block(sorted_ids: torch.Tensor, block_expert: torch.Tensor) -> int:
     return block
 
 
-def gate_up_config(block: int, inter: int, hidden: int, dtype: torch.dtype) -> dict:
+def gate_up_config(block: int, inter: int, hidden: int, dtype: torch.dtype, fp8: bool = False) -> dict:
     """64 x 64 tiles with two float32 accumulators (the gate and the up half: 128 columns of wgmma work per step),
-    k 64 deep: 3 stages of (x 8 KB + 2 x 8 KB of weights) = 72 KB of shared memory, 4 warps (one warp group)."""
-    return _gemm_config(block, inter, hidden, 64, dtype)
+    3 stages. bf16: 4 warps (one warp group), k 64 deep, (x 8 KB + 2 x 8 KB of weights) = 24 KB a stage. fp8: k 128
+    deep (the scale block), (x 16 KB in bf16 + 2 x 8 KB of float8 weights) = 32 KB a stage, and 8 warps: the two
+    per-block products and the x tile being quantized spilled 80 bytes a thread at 4 (184 registers at 8)."""
+    config = _gemm_config(block, inter, hidden, 64, dtype, fp8)
+    return dict(config, num_warps=8) if fp8 else config
 
 
-def down_config(block: int, hidden: int, inter: int, dtype: torch.dtype) -> dict:
-    """64 x 128 output tiles (one accumulator: 64 registers a thread at 4 warps), k 64 deep over I = 704 (11 steps):
-    3 stages of (8 + 16) KB of shared memory."""
-    return _gemm_config(block, hidden, inter, 128, dtype)
+def down_config(block: int, hidden: int, inter: int, dtype: torch.dtype, fp8: bool = False) -> dict:
+    """64 x 128 output tiles (one accumulator: 64 registers a thread at 4 warps), 3 stages over I = 704: bf16 k 64
+    deep (11 steps, (8 + 16) KB a stage); fp8 k 128 deep (6 steps, the last half masked; (16 + 16) KB a stage)."""
+    return _gemm_config(block, hidden, inter, 128, dtype, fp8)
 
 
-def _gemm_config(block: int, n: int, k: int, block_n: int, dtype: torch.dtype) -> dict:
-    """Tiles of a grouped GEMM with n output columns and depth k, clamped for small shapes (tests)."""
-    block_k = pow2(k, lo=16, hi=64)
+def _gemm_config(block: int, n: int, k: int, block_n: int, dtype: torch.dtype, fp8: bool) -> dict:
+    """Tiles of a grouped GEMM with n output columns and depth k, clamped for small shapes (tests); fp8 walks k
+    128 deep, one scale block a step."""
+    block_k = 128 if fp8 else pow2(k, lo=16, hi=64)
     return dict(BLOCK_M=block, BLOCK_N=pow2(n, lo=16, hi=block_n), BLOCK_K=block_k, GROUP_M=8,
-                EVEN_K=k % block_k == 0, ROUND_BF16=dtype == torch.bfloat16, UPCAST=interpreting(), num_warps=4,
-                num_stages=3)
+                EVEN_K=k % block_k == 0, ROUND_BF16=dtype == torch.bfloat16, FP8=fp8, UPCAST=interpreting(),
+                num_warps=4, num_stages=3)
+
+
+def _scale_args(scale: torch.Tensor | None, fallback: torch.Tensor) -> tuple:
+    """The kernels' scale pointer and its expert and block-row strides (unread without FP8)."""
+    if scale is None:
+        return fallback, 0, 0
+    assert scale.stride(-1) == 1, "fp8 scales need unit stride along K"
+    return scale, scale.stride(0), scale.stride(1)
+
+
+def gate_up_launch(x: torch.Tensor, w_gate_up: torch.Tensor, scale: torch.Tensor | None, sorted_ids: torch.Tensor,
+                   block_expert: torch.Tensor, top_k: int, config: dict) -> torch.Tensor:
+    """The gate/up GEMM with `config` (gate_up_config); `scale`: the block scales of float8 experts (FP8)."""
+    x = x.contiguous()
+    N, H = x.shape
+    inter = w_gate_up.shape[1] // 2
+    act = torch.empty((sorted_ids.shape[0], inter), dtype=x.dtype, device=x.device)
+    num_blocks = block_expert.shape[0]
+    grid = (num_blocks * triton.cdiv(inter, config["BLOCK_N"]),)
+    if num_blocks:
+        s, s_e, s_n = _scale_args(scale, x)
+        _gate_up_kernel[grid](x, w_gate_up, sorted_ids, block_expert, act, s, H, inter, N * top_k, top_k, num_blocks,
+                              *w_gate_up.stride(), s_e, s_n, **config)
+    return act
+
+
+def down_launch(act: torch.Tensor, w_down: torch.Tensor, scale: torch.Tensor | None, sorted_ids: torch.Tensor,
+                block_expert: torch.Tensor, num_tokens: int, top_k: int, config: dict) -> torch.Tensor:
+    """The down GEMM with `config` (down_config); `scale`: the block scales of float8 experts (FP8)."""
+    act = act.contiguous()
+    H, inter = w_down.shape[1], w_down.shape[2]
+    out = torch.empty((num_tokens * top_k, H), dtype=act.dtype, device=act.device)
+    num_blocks = block_expert.shape[0]
+    grid = (num_blocks * triton.cdiv(H, config["BLOCK_N"]),)
+    if num_blocks:  # every pair is a real row of exactly one block: out is fully written
+        s, s_e, s_n = _scale_args(scale, act)
+        _down_kernel[grid](act, w_down, sorted_ids, block_expert, out, s, H, inter, num_tokens * top_k, num_blocks,
+                           *w_down.stride(), s_e, s_n, **config)
+    return out.view(num_tokens, top_k, H)
 
 
 def moe_gate_up(x: torch.Tensor, w_gate_up: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
                 num_padded: torch.Tensor, top_k: int) -> torch.Tensor:
     """x (N, H), w_gate_up (E, 2I, H) -> act (P, I) in x's dtype (padding rows: zeros)."""
-    _check_dtypes(x, w_gate_up)
-    x = x.contiguous()
-    N, H = x.shape
-    inter = w_gate_up.shape[1] // 2
-    P = sorted_ids.shape[0]
-    act = torch.empty((P, inter), dtype=x.dtype, device=x.device)
-    config = gate_up_config(layout_block(sorted_ids, block_expert), inter, H, x.dtype)
-    num_blocks = block_expert.shape[0]
-    grid = (num_blocks * triton.cdiv(inter, config["BLOCK_N"]),)
-    if num_blocks:
-        _gate_up_kernel[grid](x, w_gate_up, sorted_ids, block_expert, act, H, inter, N * top_k, top_k, num_blocks,
-                              *w_gate_up.stride(), **config)
-    return act
+    check_dtypes(x, w_gate_up)
+    config = gate_up_config(layout_block(sorted_ids, block_expert), w_gate_up.shape[1] // 2, x.shape[1], x.dtype)
+    return gate_up_launch(x, w_gate_up, None, sorted_ids, block_expert, top_k, config)
 
 
 def moe_down(act: torch.Tensor, w_down: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor,
              num_padded: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     """act (P, I), w_down (E, H, I) -> (N, k, H): each pair's expert output at [token, slot] (unweighted)."""
-    _check_dtypes(act, w_down)
-    act = act.contiguous()
-    H, inter = w_down.shape[1], w_down.shape[2]
-    out = torch.empty((num_tokens * top_k, H), dtype=act.dtype, device=act.device)
-    config = down_config(layout_block(sorted_ids, block_expert), H, inter, act.dtype)
-    num_blocks = block_expert.shape[0]
-    grid = (num_blocks * triton.cdiv(H, config["BLOCK_N"]),)
-    if num_blocks:  # every pair is a real row of exactly one block: out is fully written
-        _down_kernel[grid](act, w_down, sorted_ids, block_expert, out, H, inter, num_tokens * top_k, num_blocks,
-                           *w_down.stride(), **config)
-    return out.view(num_tokens, top_k, H)
+    check_dtypes(act, w_down)
+    config = down_config(layout_block(sorted_ids, block_expert), w_down.shape[1], w_down.shape[2], act.dtype)
+    return down_launch(act, w_down, None, sorted_ids, block_expert, num_tokens, top_k, config)
