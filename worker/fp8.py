@@ -111,10 +111,6 @@ def quantize_model(model: torch.nn.Module, prefix: str) -> int:
     return len(matched)
 
 
-def is_fp8(model: torch.nn.Module) -> bool:
-    return any(name.endswith(SCALE_SUFFIX) for name, _ in model.named_buffers())
-
-
 # ------------------------------------------------------------------------------- the model runner's GEMM calls
 
 
