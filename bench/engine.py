@@ -401,7 +401,7 @@ def realscale_main(args) -> dict:
     for mode in args.modes:
         decode_mode, sampler = mode.split("+")
         key = mode
-        if args.quantization != "none":  # quantized weights run the plain-torch ops: nothing to capture
+        if args.quantization in ("int4", "int8"):  # torchao tensors run the plain-torch ops: nothing to capture
             decode_mode = decode_mode.replace("graphs", "eager")
         try:
             t = time.time()

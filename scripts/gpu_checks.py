@@ -8,7 +8,9 @@ TRITON_INTERPRET and in the eager/static modes). Prints one table; writes JSON.
    against the same forward with the plain-torch ops on the same GPU: one decoder step at 32 rows (hidden states,
    head argmax agreement, the K/V written into the pool) and chunked prompt encodes (the pool after them); the time
    of one 2-layer decoder step at 1 and 32 rows, Triton vs plain torch;
-3. engine: on a tiny copy of the architecture, CUDA-graph replay gives the same tokens as the same fixed-shape
+3. fp8: the same 2-layer model with block-scaled e4m3 weights (`DG_QUANTIZATION=fp8`) against bf16 on the same
+   inputs: head argmax agreement, hidden-state error, and the step time;
+4. engine: on a tiny copy of the architecture, CUDA-graph replay gives the same tokens as the same fixed-shape
    passes run without graphs, and the eager ones; rows batched together against alone.
 
     python scripts/gpu_checks.py OUT.json            # on a GPU
@@ -132,6 +134,33 @@ def check_forward(results: dict, device: torch.device, small: bool) -> None:
     results["forward_triton_vs_plain"] = out
 
 
+@torch.inference_mode()
+def check_fp8(results: dict, device: torch.device, small: bool) -> None:
+    from bench.step_cost import build, fill_pool, step_inputs
+    from worker.quantize import quantize_model
+
+    model = build("tiny" if small else "real", 16384, device)
+    rows, held = (4, 64) if small else (32, 1536)
+    L, H = model.config.canvas_length, model.config.text_config.hidden_size
+    canvas, soft = step_inputs(16384, rows, L, H, torch.Generator().manual_seed(2))
+    canvas, soft = canvas.to(device), soft.to(device)
+    out, hidden = {}, {}
+    for kind in ("bf16", "fp8"):
+        if kind == "fp8":
+            quantize_model(model, "fp8")
+        runner = _runner(model, None, rows, 2304)
+        runner.pool.total[:rows] = [held] * rows
+        fill_pool(runner.pool.keys, runner.pool.values, rows, torch.Generator(device=device).manual_seed(1))
+        hidden[kind] = runner.decode(canvas, soft).float()
+        out[f"decode_{rows}_rows_ms_{kind}"] = _timed(lambda r=runner: r.decode(canvas, soft), device)
+        del runner
+    head = model.lm_head.weight.float()
+    agree = (hidden["fp8"] @ head.T).argmax(-1) == (hidden["bf16"] @ head.T).argmax(-1)
+    out["head_argmax_agreement"] = float(agree.float().mean())
+    out["hidden_rel_diff"] = float((hidden["fp8"] - hidden["bf16"]).norm() / hidden["bf16"].norm())
+    results["fp8_vs_bf16"] = out
+
+
 def check_engine(results: dict, device: torch.device, small: bool) -> None:
     from bench.engine import build_realscale
     from worker.engine import Engine, EngineConfig
@@ -182,7 +211,7 @@ def main() -> int:
     device = torch.device("cpu" if args.cpu else "cuda")
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      "torch": torch.__version__}
-    checks = [("fused", check_fused), ("forward", check_forward), ("engine", check_engine)]
+    checks = [("fused", check_fused), ("forward", check_forward), ("fp8", check_fp8), ("engine", check_engine)]
     if args.cpu:
         checks = checks[1:]  # the fused sampler is Triton-only
     for name, fn in checks:

@@ -8,6 +8,7 @@
 #                                    #   1, 4, 16, 32 (1024 in / 1024 out, 16 steps), start-up seconds, step profile
 #   bash scripts/gpu_run.sh kernels  # ~5 min: the batch-32 and batch-1 steps kernel by kernel (torch.profiler)
 #   bash scripts/gpu_run.sh int4     # ~5 min: the 24 GB mode, peak memory and tok/s at 1 and 8
+#   bash scripts/gpu_run.sh fp8      # ~5 min: block-scaled e4m3 experts and projections, tok/s at 1 and 32
 #   bash scripts/gpu_run.sh train    # <= 10 min: the sudoku training step's examples/s alone, then both embedded
 #                                    #   checkpoints trained side by side from their current weights (issue 17);
 #                                    #   needs build/corpus.jsonl.gz carried (`python -m training corpus`)
@@ -31,8 +32,10 @@ quiet() { grep -v -e "Loading weights" -e "^Failed to load .*torchao" -e "_pytre
 
 case "${1:-}" in
   check)
-    TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_norms.py \
-      tests/test_triton_attention.py tests/test_triton_moe.py 2>&1 | tail -15 | tee "$OUT/triton_tests_$CARD.txt"
+    TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_norms.py \
+      tests/test_triton_attention.py tests/test_triton_moe.py tests/test_fp8.py tests/test_fused.py 2>&1 \
+      | tail -25 | tee "$OUT/triton_tests_$CARD.txt"
+    timeout 120 python3 bench/kernels.py --out "$OUT/kernels_$CARD.json" 2>&1 | quiet | tail -40
     timeout 240 python3 scripts/gpu_checks.py "$OUT/gpu_checks_$CARD.json" 2>&1 | quiet | tail -30
     ;;
   bench)
@@ -49,12 +52,17 @@ case "${1:-}" in
       --new-tokens 512 --modes eager+fused --profile-batch 8 --chunk-rows 4 --budget-s 280 \
       --out "$OUT/engine_realscale_int4_$CARD.json" 2>&1 | quiet
     ;;
+  fp8)
+    timeout 290 python3 bench/engine.py --realscale --quantization fp8 --concurrency 1,32 --ref-concurrency "" \
+      --new-tokens 512 --modes graphs+fused --profile-batch 32 --budget-s 280 \
+      --out "$OUT/engine_realscale_fp8_$CARD.json" 2>&1 | quiet
+    ;;
   train)  # the sudoku step alone first (the only single-model figure; warms the compile cache), then both side by side
     timeout 120 python3 -m training throughput --task sudoku --device cuda --steps 30 --warmup 3 \
       --out "$OUT/training_throughput_$CARD.json"
     PYTHON=python3 timeout 470 training/gpu_train.sh /tmp/dg-models "${BUDGET:-420}" --init-from models \
       --text-canvas 256 --corpus build/corpus.jsonl.gz --pack "$OUT"
     ;;
-  *) echo "usage: $0 check|bench|kernels|int4|train"; exit 2 ;;
+  *) echo "usage: $0 check|bench|kernels|int4|fp8|train"; exit 2 ;;
 esac
 ls -la "$OUT"
