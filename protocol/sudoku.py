@@ -14,7 +14,7 @@ EXAMPLE_SOLUTION = "534678912672195348198342567859761423426853791713924856961537
 
 BLANKS = "0."
 DIGITS = "123456789"
-_SEPARATORS = " \t\r\n|+-"  # tolerated in a pasted grid: whitespace and box drawing
+_SEPARATORS = " \t\r\n|+-_"  # ignored in a pasted grid: whitespace and box drawing
 
 
 def normalize_puzzle(puzzle: str) -> str:

@@ -10,9 +10,9 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 
 from protocol import contract
+from protocol.api import GenerateRequest, SamplingFields
 from service.deps import Gateway
 from service.registry import Registry, ServedModel
-from service.schemas import GenerateRequest, SamplingFields
 from service.settings import GatewaySettings
 
 
@@ -37,9 +37,8 @@ def sampling(model: ServedModel, fields: SamplingFields, settings: GatewaySettin
         if values[name] > limit:
             raise field_error(name, f"Input should be less than or equal to {limit}", values[name],
                               "less_than_equal", le=limit)
-    if values["t_max"] <= values["t_min"]:
-        raise field_error("t_max", f"t_max ({values['t_max']}) must be greater than t_min ({values['t_min']})",
-                          values["t_max"])
+    if (problem := contract.temperature_problem(values["t_min"], values["t_max"])) is not None:
+        raise field_error("t_max", problem, values["t_max"])
     seed = fields.seed if fields.seed is not None else secrets.randbits(63)
     return contract.Sampling(seed=seed, eos_token_ids=model.eos_token_ids, **values)
 

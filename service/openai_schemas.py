@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.schemas import DiffusionFields
+from protocol.api import DiffusionFields
 
 # OpenAI parameters that have no meaning for block diffusion here, with what to use instead
 UNSUPPORTED: dict[str, str] = {

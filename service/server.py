@@ -24,7 +24,7 @@ class ReadDeadline(HttpToolsProtocol):
     request's first byte on a kept-alive connection: a client that sends partial headers or a partial body
     (slowloris) is closed, instead of holding a connection forever. Upgrades to WebSocket are exempt."""
 
-    read_timeout_s = 20.0
+    read_timeout_s: float  # DG_READ_TIMEOUT_S: `run_gateway` makes the subclass that sets it
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

@@ -403,7 +403,7 @@ def test_a_cancel_sent_right_after_queued_is_never_lost(attack: Attack):
 
 
 @contextlib.contextmanager
-def inprocess_runner(model, tokenizer, tmp_path: Path, observer=None) -> Iterator[str]:
+def inprocess_runner(model, tokenizer, tmp_path: Path, hooks=None) -> Iterator[str]:
     """A worker's runner and engine in this process, on a Redis of their own; yields the Redis URL."""
     import threading
 
@@ -413,7 +413,7 @@ def inprocess_runner(model, tokenizer, tmp_path: Path, observer=None) -> Iterato
 
     server = RedisServer(data_dir=tmp_path / "redis").start()
     runner = Runner(Engine(model, EngineConfig(max_batch=4, max_context=512)), tokenizer, server.url, "inproc",
-                    "inproc-1", heartbeat_interval_s=0.5, observer=observer)
+                    "inproc-1", heartbeat_interval_s=0.5, hooks=hooks)
     runner.start()
     loop = threading.Thread(target=runner.run, daemon=True)
     loop.start()
@@ -437,21 +437,27 @@ def test_a_cancel_that_lands_between_take_and_admission_is_kept(tiny_model, tmp_
     is slow. The engine is busy with another request, so a cancel that reached it before the job would be
     forgotten at the next step; the request must still end `cancelled`, not run its 300 steps."""
     from service.broker import Broker
+    from worker.hooks import RunnerHooks
 
     model, tokenizer = tiny_model
 
-    def slow_admission(kind: str, payload: object) -> None:
-        if kind == "admitted" and getattr(payload, "request_id", "") == "target":
-            time.sleep(0.5)
+    class SlowAdmission(RunnerHooks):
+        def admitted(self, job: contract.Job) -> None:
+            if job.request_id == "target":
+                time.sleep(0.5)
 
     async def scenario(url: str) -> list[str]:
         broker = Broker(url)
+
+        async def running(rid: str) -> bool:
+            return await broker.redis.hget(contract.request_key(rid), contract.STATUS_FIELD) == b"running"
+
         try:
             await broker.submit(inprocess_job(tokenizer, "busy"), tenant="t", max_depth=10)
-            while (await broker.status("busy")).get("status") != "running":
+            while not await running("busy"):
                 await asyncio.sleep(0.01)
             await broker.submit(inprocess_job(tokenizer, "target"), tenant="t", max_depth=10)
-            while (await broker.status("target")).get("status") != "running":  # taken: now in its admission
+            while not await running("target"):  # taken: now in its admission
                 await asyncio.sleep(0.005)
             await broker.cancel("target")
             events = [e.parse() async for _, e in broker.events("target")]
@@ -460,7 +466,7 @@ def test_a_cancel_that_lands_between_take_and_admission_is_kept(tiny_model, tmp_
         finally:
             await broker.close()
 
-    with inprocess_runner(model, tokenizer, tmp_path, observer=slow_admission) as url:
+    with inprocess_runner(model, tokenizer, tmp_path, hooks=SlowAdmission()) as url:
         kinds = asyncio.run(asyncio.wait_for(scenario(url), timeout=120))
     print(f"\ncancelled inside the take window: {Counter(kinds)}")
     assert kinds[-1] == "cancelled" and kinds.count("step") < 300, Counter(kinds)
@@ -800,9 +806,8 @@ def encode_hostile(value: dict) -> str:
 
 def route_fields() -> dict[str, tuple[dict, list[str]]]:
     """Each JSON route: a valid body that runs two denoising steps, and every field it takes."""
+    from protocol.api import GenerateRequest, SudokuRequest
     from service.openai_schemas import ChatRequest, CompletionRequest
-    from service.routes.sudoku import SudokuRequest
-    from service.schemas import GenerateRequest
 
     quick = {"max_denoising_steps": 2}
     return {
@@ -846,8 +851,7 @@ def test_fuzzed_websocket_messages_never_break_the_connection(attack: Attack):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from service.routes.ws import WsResume, WsSudoku
-    from service.schemas import WsCancel, WsGenerate
+    from protocol.api import WsCancel, WsGenerate, WsResume, WsSudoku
 
     kinds = {"generate": list(WsGenerate.model_fields), "sudoku": list(WsSudoku.model_fields),
              "cancel": list(WsCancel.model_fields), "resume": list(WsResume.model_fields)}

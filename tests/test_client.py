@@ -5,10 +5,12 @@ model no worker serves (to fill its queue) and a Sudoku-shaped model (a characte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,13 +35,14 @@ from dgserve.client import (
     Restarted,
     ServiceUnreachable,
     Step,
+    StreamState,
+    SudokuResult,
     Unavailable,
     ValidationError,
     error_from_event,
     error_from_http,
     sudoku_stream_body,
 )
-from dgserve.client import _StreamState as StreamState
 from dgserve.redis_server import free_port
 from dgserve.terminal import advance, render_grid, sanitize
 from protocol.sudoku import EXAMPLE_PUZZLE, EXAMPLE_SOLUTION, canvas_cells, is_valid_solution, normalize_puzzle
@@ -54,11 +57,6 @@ def dgserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """`python -m dgserve ...` as a subprocess; stdout/stderr as bytes (texts may hold any character)."""
     return subprocess.run([sys.executable, "-m", "dgserve", *args], capture_output=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "DG_URL": "", "DG_API_KEY": ""})
-
-
-def has_route(url: str, path: str) -> bool:
-    paths = httpx.get(url + "/openapi.json", timeout=10).json().get("paths", {})
-    return path in paths
 
 
 def fill_queue(ws_url: str, model: str) -> None:
@@ -125,6 +123,8 @@ def test_sudoku_validator():
     assert not is_valid_solution(EXAMPLE_PUZZLE, "5" * 81)
     grid = "\n".join(" ".join(EXAMPLE_PUZZLE[9 * r: 9 * r + 9]) for r in range(9)).replace("0", ".")
     assert normalize_puzzle(grid) == EXAMPLE_PUZZLE
+    underlined = "\n".join(EXAMPLE_PUZZLE[9 * r: 9 * r + 9] + ("\n_________" if r % 3 == 2 else "") for r in range(9))
+    assert normalize_puzzle(underlined) == EXAMPLE_PUZZLE  # `_` of a pasted grid is ignored, as documented
     with pytest.raises(ValueError, match="81 cells"):
         normalize_puzzle("123")
     # a step's text with fewer than 81 characters (special tokens dropped): cells come from the ids
@@ -142,29 +142,35 @@ def test_http_and_event_errors_map_to_types():
     e = error_from_http(504, {}, b'{"detail": "waited too long", "code": "timeout", "request_id": "r1"}')
     assert isinstance(e, RequestFailed) and e.code == "timeout" and e.request_id == "r1"
     e = error_from_event({"type": "error", "request_id": None, "code": "validation_error",
-                          "message": "t_min: Input should be greater than or equal to 0; seed: bad"})
+                          "message": "t_min: Input should be greater than or equal to 0; seed: a; b",
+                          "errors": [{"field": "t_min", "message": "Input should be greater than or equal to 0"},
+                                     {"field": "seed", "message": "a; b"}]})
     assert isinstance(e, ValidationError) and e.field == "t_min" and [x["field"] for x in e.errors] == ["t_min", "seed"]
+    assert e.errors[1]["message"] == "a; b"  # read from `errors`, never split out of the prose
+    e = error_from_event({"type": "error", "request_id": None, "code": "validation_error", "message": "seed: bad",
+                          "errors": [{"field": None, "message": "seed: bad"}]})
+    assert e.field is None  # prose that looks like a field is not taken for one
     assert isinstance(error_from_event({"code": "overloaded", "message": "m", "retry_after": 2}), Overloaded)
 
 
 def test_stream_state_drops_drafts_on_restart():
-    state = StreamState({"prompt": "x"}, retries=0)
+    state = StreamState({"prompt": "x"})
     rid = "r1"
-    assert isinstance(state._on_queued_or_rejection(
+    assert isinstance(state.on_queued_or_rejection(
         {"type": "queued", "request_id": rid, "model": "m", "prompt_tokens": 2, "seed": 1, "ref": state.ref}), Queued)
     step = {"type": "step", "request_id": rid, "canvas": 1, "step": 1, "draft_ids": [5], "draft_text": "a",
             "accepted": 1, "mean_entropy": 0.5, "added_later": True}
     canvas = {"type": "canvas", "request_id": rid, "canvas": 1, "token_ids": [5], "text": "a", "steps": 1}
     for data in (step, canvas):
-        state._on_event(data)
+        state.on_event(data)
     assert state.text == "a"
-    assert isinstance(state._on_event({"type": "restarted", "request_id": rid, "attempt": 2}), Restarted)
+    assert isinstance(state.on_event({"type": "restarted", "request_id": rid, "attempt": 2}), Restarted)
     assert state.text == "" and state.draft is None and state.restarts == 1
-    assert state._on_event({**step, "request_id": "someone-else"}) is None
-    assert state._on_event({"type": "from_the_future", "request_id": rid}) is None
-    state._on_event({**canvas, "text": "b"})
+    assert state.on_event({**step, "request_id": "someone-else"}) is None
+    assert state.on_event({"type": "from_the_future", "request_id": rid}) is None
+    state.on_event({**canvas, "text": "b"})
     usage = {"prompt_tokens": 2, "completion_tokens": 1, "canvases": 1, "denoising_steps": 1, "tokens_per_forward": 1}
-    done = state._on_event({"type": "done", "request_id": rid, "text": "b", "token_ids": [5], "finish_reason": "length",
+    done = state.on_event({"type": "done", "request_id": rid, "text": "b", "token_ids": [5], "finish_reason": "length",
                             "usage": usage})
     assert isinstance(done, Done) and state.finished and state.result == done and state.text == "b"
     assert state.completion == Completion(request_id=rid, model="m", text="b", token_ids=[5], finish_reason="length",
@@ -314,7 +320,7 @@ def test_stream_sudoku_clamps_the_givens(keyed):
             grids.append(stream.grid)
     result = stream.sudoku_result
     assert steps and all(len(g) == 81 for g in grids) and all(len(s.draft_ids) == 81 for s in steps)
-    assert result is not None and result.model == "sudoku" and result.steps == len(steps)
+    assert result is not None and stream.model == "sudoku" and result.steps == len(steps)
     assert result.puzzle == EXAMPLE_PUZZLE and len(result.solution) == 81
     # the template keeps every given in place at every step, whatever the (untrained) model drafts;
     # in this checkpoint's character tokenizer digit d is token 9 + d
@@ -348,6 +354,47 @@ def test_cli_generate_plain_output_is_one_line_per_canvas(service):
     usage = r.stderr.decode()
     assert f"{u.completion_tokens} tokens · {u.canvases} canvases · {u.denoising_steps} denoising steps" in usage
     assert "tokens/forward" in usage
+
+
+def _disconnected(url: str) -> float:
+    """Requests the gateway saw their client leave before the end."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    return sum(s.value for s in families["dgserve:gateway_request_finished"].samples
+               if s.name.endswith("_total") and s.labels["outcome"] == "client_disconnected")
+
+
+def test_ctrl_c_on_dgserve_generate_cancels_the_request(service):
+    """Ctrl-C while the steps stream: exit 130 at once, the connection closed, and the gateway cancels the
+    request (the sync client's call on its own loop is stopped too)."""
+    before = _disconnected(service.url)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dgserve", "generate", "interrupt me", "--url", service.url,
+                             "--steps", "500", "--seed", "1"], stdout=follower, stderr=follower, cwd=ROOT)
+    os.close(follower)
+    raw = b""
+    while b"\x1b[2m" not in raw:  # a draft: the steps stream
+        raw += os.read(leader, 65536)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    assert proc.wait(timeout=10) == 130 and time.monotonic() - started < 5
+    with contextlib.suppress(OSError):
+        while chunk := os.read(leader, 65536):
+            raw += chunk
+    os.close(leader)
+    assert b"interrupted; the request was cancelled" in raw and b"Traceback" not in raw
+    deadline = time.monotonic() + 10
+    while _disconnected(service.url) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _disconnected(service.url) == before + 1
+
+
+async def test_the_sync_client_works_inside_a_running_event_loop(service):
+    """The sync client runs the async one on a loop of its own: a program with its own loop may call it."""
+    with Client(service.url) as client:
+        assert client.generate("hi", max_new_tokens=8, seed=1).usage.completion_tokens == 8
+        assert isinstance(client.stream("hi", max_new_tokens=8, seed=1).wait(), Done)
 
 
 def test_cli_generate_on_a_terminal_rewrites_the_draft(service):
@@ -393,15 +440,16 @@ def test_cli_sudoku_streams_the_grid(keyed):
 
 
 def test_cli_sudoku_json(keyed):
-    if not has_route(keyed.url, "/sudoku"):
-        pytest.skip("POST /sudoku is not in this service yet (issue \"Sudoku\"): nothing to call")
     r = dgserve("sudoku", "--url", keyed.url, "--api-key", KEY, "--json", "--seed", "1")
     assert r.returncode == 0, r.stderr
     answer = json.loads(r.stdout)
     assert answer["puzzle"].replace(".", "0") == EXAMPLE_PUZZLE and len(answer["solution"]) == 81
     assert answer["valid"] == is_valid_solution(EXAMPLE_PUZZLE, answer["solution"])
+    assert set(answer) == set(SudokuResult.model_fields)  # the gateway's own answer, every field
     with Client(keyed.url, api_key=KEY) as client:
-        result = client.sudoku(EXAMPLE_PUZZLE, seed=1)
+        result = client.sudoku(EXAMPLE_PUZZLE, seed=1, attempts=2)
+    assert isinstance(result, SudokuResult) and result.attempts == 2 and 0 <= result.attempt < 2
+    assert result.total_steps >= result.steps > 0
     assert result.valid == is_valid_solution(EXAMPLE_PUZZLE, result.solution)
 
 

@@ -167,3 +167,52 @@ async def test_malformed_websocket_messages_get_error_events_and_the_connection_
             if event["type"] in ("done", "error"):
                 break
         assert event["type"] == "done"
+
+
+async def test_websocket_errors_name_each_field(service):
+    """A refused message's `errors` lists every offending field with its message: clients read it, never the
+    prose of `message` (which says the same for a person)."""
+    async with websockets.connect(service.ws_url) as ws:
+        await ws.send(json.dumps({"type": "generate", "prompt": "x", "t_min": -1, "max_denoising_steps": 0,
+                                  "ref": "two"}))
+        event = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+        assert event["type"] == "error" and event["code"] == "validation_error" and event["request_id"] is None
+        assert event["ref"] == "two"
+        fields = {e["field"]: e["message"] for e in event["errors"]}
+        assert set(fields) == {"t_min", "max_denoising_steps"}, event
+        assert "greater than or equal to 0" in fields["t_min"]
+        assert all(f"{name}: {text}" in event["message"] for name, text in fields.items())
+        # the rule that needs the checkpoint's defaults names its field too
+        await ws.send(json.dumps({"type": "generate", "prompt": "x", "t_max": 0.3}))  # the default t_min is 0.4
+        event = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+        assert [e["field"] for e in event["errors"]] == ["t_max"] and "t_min" in event["errors"][0]["message"]
+        for raw, field in [(json.dumps({"type": "dance"}), "type"), ("[1]", None), ("{oops", None),
+                           (json.dumps({"type": "cancel", "request_id": "nope"}), "request_id")]:
+            await ws.send(raw)
+            event = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+            assert [e["field"] for e in event["errors"]] == [field], event
+            assert event["errors"][0]["message"] in event["message"]
+
+
+def _finished(url: str) -> float:
+    """Requests the gateway saw reach their final event, over every outcome."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    return sum(s.value for s in families["dgserve:gateway_request_finished"].samples if s.name.endswith("_total"))
+
+
+async def test_every_route_follows_its_requests_through_one_path(service):
+    """POST /generate, a WebSocket request and an OpenAI stream are each followed to the end by the gateway's one
+    path, which counts each request once in its metrics (a WebSocket or streamed request was not counted)."""
+    body = {"prompt": "count me", "max_new_tokens": 8, "max_denoising_steps": 2, "seed": 1}
+    before = _finished(service.url)
+    assert httpx.post(service.url + "/generate", json=body, timeout=60).status_code == 200
+    assert _finished(service.url) == before + 1
+    events = await ws_request(service.ws_url, body)
+    assert events[-1]["type"] == "done" and _finished(service.url) == before + 2
+    with httpx.stream("POST", service.url + "/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "count me", "max_tokens": 8, "max_denoising_steps": 2,
+                            "n": 2, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]" and _finished(service.url) == before + 4

@@ -7,12 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 
+from protocol.api import GenerateRequest, GenerateResponse
 from service.broker import IdempotencyMismatch
 from service.deps import ApiKey, Caller, GatewayDep
-from service.follow import error_response, submit_all, wait_final
+from service.follow import Follower, error_response
 from service.identity import fingerprint
 from service.jobs import build_job, field_error
-from service.schemas import GenerateRequest, GenerateResponse
 from service.strictjson import StrictRoute
 
 router = APIRouter(tags=["generate"], dependencies=[ApiKey], route_class=StrictRoute)
@@ -39,12 +39,13 @@ async def generate(
     caller's own, kept as long as the request's events)."""
     job = await run_in_threadpool(build_job, gateway, body)
     idempotency = None if idempotency_key is None else (idempotency_key, fingerprint("/generate", body))
-    try:
-        [rid] = await submit_all(gateway, [job], tenant, idempotency=idempotency)
-    except IdempotencyMismatch as exc:
-        raise field_error("Idempotency-Key", f"Idempotency-Key {exc}", None, "idempotency_mismatch",
-                          where="header") from None
-    final = await wait_final(gateway, rid, job.model, request.is_disconnected, job.deadline)
+    async with Follower(gateway, tenant) as follower:
+        try:
+            [rid] = await follower.submit([job], idempotency=idempotency)
+        except IdempotencyMismatch as exc:
+            raise field_error("Idempotency-Key", f"Idempotency-Key {exc}", None, "idempotency_mismatch",
+                              where="header") from None
+        final = await follower.final(rid, request.is_disconnected)
     if final.type == "error":
         return error_response(final)
     return GenerateResponse(request_id=rid, model=job.model, text=final.text, token_ids=final.token_ids,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,17 +23,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 
 from protocol import contract
+from protocol.api import GenerateRequest
 from service.broker import Overloaded
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
-from service.follow import ERROR_STATUS, expire_at, submit_all, wait_final
+from service.follow import ERROR_STATUS, Follower
 from service.jobs import attempt_seed, build_job
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
-from service.schemas import GenerateRequest
 from service.strictjson import StrictRoute, printable
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], route_class=StrictRoute)
 
 FINISH = {"stop": "stop", "stop_string": "stop", "length": "length"}
@@ -95,22 +94,20 @@ def _jobs(gateway: Gateway, body, prompt: str | None, messages: list[dict] | Non
     return jobs
 
 
-async def _submit(gateway: Gateway, jobs: list[contract.Job], tenant: str) -> None:
+async def _submit(follower: Follower, jobs: list[contract.Job]) -> list[str]:
     try:
-        await submit_all(gateway, jobs, tenant)
+        return await follower.submit(jobs)
     except Overloaded as exc:
+        gateway = follower.gateway
         gateway.metrics.rejected.labels("overloaded").inc()
         raise OpenAIError(429, f"server overloaded: {exc}", type_="rate_limit_error", code="overloaded",
                           headers={"Retry-After": str(gateway.settings.retry_after_s)}) from None
 
 
-def _usage(jobs: list[contract.Job], finals: list[contract.Done]) -> dict[str, Any]:
-    completion = sum(f.usage.completion_tokens for f in finals)
-    steps = sum(f.usage.denoising_steps for f in finals)
-    prompt = len(jobs[0].prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "canvases": sum(f.usage.canvases for f in finals), "denoising_steps": steps,
-            "tokens_per_forward": round(completion / max(steps, 1), 4)}
+def _usage(finals: list[contract.Done]) -> dict[str, Any]:
+    """OpenAI's usage (with `total_tokens`) of the n choices of one prompt."""
+    usage = contract.Usage.total([f.usage for f in finals])
+    return {**usage.model_dump(), "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
 def _raise_error(final: contract.Error) -> None:
@@ -120,54 +117,21 @@ def _raise_error(final: contract.Error) -> None:
     raise OpenAIError(status, final.message, type_=kind, code=final.code)
 
 
-async def _complete(request: Request, gateway: Gateway, jobs: list[contract.Job]) -> list[contract.Done]:
-    finals = await asyncio.gather(*(wait_final(gateway, j.request_id, j.model, request.is_disconnected, j.deadline)
-                                    for j in jobs))
+async def _complete(request: Request, follower: Follower, rids: list[str]) -> list[contract.Done]:
+    finals = await asyncio.gather(*(follower.final(rid, request.is_disconnected) for rid in rids))
     for final in finals:
         if final.type == "error":
             _raise_error(final)
     return list(finals)  # type: ignore[arg-type]
 
 
-async def _events(gateway: Gateway, jobs: list[contract.Job], body_diffusing: bool
-                  ) -> AsyncIterator[tuple[int, contract.BaseModel]]:
-    """The events of n requests, merged, tagged with their choice index (steps only when diffusing)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, job: contract.Job) -> None:
-        expiry = asyncio.create_task(expire_at(gateway, job.request_id, job.deadline))
-        try:
-            async for _, raw in gateway.broker.events(job.request_id):
-                if raw.type != "step" or body_diffusing:  # plain streams skip parsing every step
-                    await queue.put((index, raw.parse()))
-        except Exception:  # never a silent end: the client gets an error for this choice
-            log.exception("following %s failed", job.request_id)
-            await queue.put((index, contract.Error(request_id=job.request_id, code="internal_error",
-                                                   message="the gateway could not follow this request")))
-            await gateway.broker.cancel(job.request_id)
-        finally:
-            expiry.cancel()
-            await queue.put((index, None))
-
-    tasks = [asyncio.create_task(pump(i, j)) for i, j in enumerate(jobs)]
-    open_ = len(jobs)
-    try:
-        while open_:
-            index, event = await queue.get()
-            if event is None:
-                open_ -= 1
-                continue
-            yield index, event
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
 def _sse(payload: dict | str) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
 
-def _stream(gateway: Gateway, jobs: list[contract.Job], body, chat: bool) -> StreamingResponse:
+def _stream(follower: Follower, rids: list[str], body, chat: bool) -> StreamingResponse:
+    """The n choices as Server-Sent Events; when the stream ends, however it ends (the client may leave), the
+    follower cancels what is still running."""
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -186,19 +150,18 @@ def _stream(gateway: Gateway, jobs: list[contract.Job], body, chat: bool) -> Str
         return {"id": cid, "object": obj, "created": created, "model": body.model, "choices": [choice]}
 
     async def generate() -> AsyncIterator[bytes]:
-        committed = [""] * len(jobs)
+        committed = [""] * len(rids)
         finals: dict[int, contract.Done] = {}
-        ended: set[int] = set()
         try:
             if chat:
-                for i in range(len(jobs)):
+                for i in range(len(rids)):
                     yield _sse(chunk(i, "", first=True))
-            async for index, event in _events(gateway, jobs, body.diffusing):
+            async for index, event in follower.merged(rids, steps=body.diffusing):  # plain streams skip the steps
                 if event.type == "restarted":
                     committed[index] = ""
                     if body.diffusing:
                         yield _sse(chunk(index, "", extra={"committed": "", "draft": "", "restarted": True}))
-                elif event.type == "step" and body.diffusing:
+                elif event.type == "step":
                     extra = {"committed": committed[index], "draft": event.draft_text, "canvas": event.canvas,
                              "step": event.step, "accepted": event.accepted, "mean_entropy": event.mean_entropy}
                     yield _sse(chunk(index, committed[index] + event.draft_text, extra=extra))
@@ -212,25 +175,20 @@ def _stream(gateway: Gateway, jobs: list[contract.Job], body, chat: bool) -> Str
                         yield _sse(chunk(index, event.text))
                 elif event.type == "done":
                     finals[index] = event
-                    ended.add(index)
                     text = event.text if body.diffusing else None
                     extra = {"committed": event.text, "draft": ""} if body.diffusing else None
                     yield _sse(chunk(index, text, FINISH[event.finish_reason], extra=extra))
                 elif event.type == "error":
-                    ended.add(index)
-                    err = OpenAIError(500, event.message, type_="server_error", code=event.code)
-                    yield _sse(err.body())
-            if body.include_usage and len(finals) == len(jobs):
-                usage = _usage(jobs, [finals[i] for i in range(len(jobs))])
+                    yield _sse(OpenAIError(500, event.message, type_="server_error", code=event.code).body())
+            if body.include_usage and len(finals) == len(rids):
+                usage = _usage([finals[i] for i in range(len(rids))])
                 yield _sse({"id": cid, "object": obj, "created": created, "model": body.model, "choices": [],
                             "usage": usage})
             yield _sse("[DONE]")
-        finally:  # the client left before the end: cancel what is still running
-            for i, job in enumerate(jobs):
-                if i not in ended:
-                    await gateway.client_left(job.request_id)
+        finally:  # however the stream ended: cancel what still runs (the client left)
+            await follower.close()
 
-    return StreamingResponse(generate(), media_type="text/event-stream",
+    return StreamingResponse(generate(), media_type="text/event-stream", background=BackgroundTask(follower.close),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -242,16 +200,28 @@ async def list_models(gateway: GatewayDep) -> dict:
         for name, m in gateway.registry.models.items()]}
 
 
-async def _serve(request: Request, gateway: Gateway, tenant: str, body, prompt: str | None,
-                 messages: list[dict] | None, max_tokens: int | None, chat: bool):
+def _inputs(body: CompletionRequest | ChatRequest) -> tuple[str | None, list[dict] | None, int | None]:
+    """The prompt or the messages of a body, and its token limit."""
+    if isinstance(body, CompletionRequest):
+        return body.prompt, None, body.max_tokens  # type: ignore[return-value]
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    return None, messages, body.max_completion_tokens or body.max_tokens
+
+
+async def _serve(request: Request, gateway: Gateway, tenant: str, model_cls: type[CompletionRequest | ChatRequest]):
     """Queue the n completions, then stream them or answer once all are done."""
+    chat = model_cls is ChatRequest
+    follower = Follower(gateway, tenant)
     try:
-        jobs = await run_in_threadpool(_jobs, gateway, body, prompt, messages, max_tokens)
-        await _submit(gateway, jobs, tenant)
+        body = await parse(request, model_cls)
+        jobs = await run_in_threadpool(_jobs, gateway, body, *_inputs(body))
+        rids = await _submit(follower, jobs)
         if body.stream:
-            return _stream(gateway, jobs, body, chat=chat)
-        finals = await _complete(request, gateway, jobs)
+            return _stream(follower, rids, body, chat=chat)  # it closes the follower when it ends
+        async with follower:
+            finals = await _complete(request, follower, rids)
     except OpenAIError as exc:
+        await follower.close()
         return exc.response()
     if chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": f.text},
@@ -261,24 +231,14 @@ async def _serve(request: Request, gateway: Gateway, tenant: str, body, prompt: 
                    for i, f in enumerate(finals)]
     return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": body.model, "usage": _usage(jobs, finals), "choices": choices}
+            "model": body.model, "usage": _usage(finals), "choices": choices}
 
 
 @router.post("/completions")
 async def completions(request: Request, gateway: GatewayDep, tenant: Caller):
-    try:
-        body: CompletionRequest = await parse(request, CompletionRequest)
-    except OpenAIError as exc:
-        return exc.response()
-    return await _serve(request, gateway, tenant, body, body.prompt, None, body.max_tokens, chat=False)
+    return await _serve(request, gateway, tenant, CompletionRequest)
 
 
 @router.post("/chat/completions")
 async def chat_completions(request: Request, gateway: GatewayDep, tenant: Caller):
-    try:
-        body: ChatRequest = await parse(request, ChatRequest)
-    except OpenAIError as exc:
-        return exc.response()
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    return await _serve(request, gateway, tenant, body, None, messages, body.max_completion_tokens or body.max_tokens,
-                        chat=True)
+    return await _serve(request, gateway, tenant, ChatRequest)

@@ -5,8 +5,10 @@ Client -> server: {"type": "generate", ...same fields as POST /generate..., "ref
                   {"type": "cancel", "request_id": optional (all of this connection's if omitted)}
                   {"type": "resume", "request_id": ..., "offset": how many of its events the client has}
 Server -> client: queued, step (every denoising step of every canvas), canvas, done | error;
-                  every event carries its request_id. Problems with a message itself come back as
-                  {"type": "error", "request_id": null, "code": ..., "message": ...}.
+                  every event carries its request_id. A message the gateway cannot act on gets
+                  {"type": "error", "request_id": null, "code": ..., "message": ..., "errors": [{"field", "message"}]}
+                  (`protocol.api.MessageError`: `errors` names each offending field, `message` says the same for
+                  a person; `ref` and `retry_after` where they apply).
 
 A request belongs to the connection that sent (or resumed) it: `cancel` applies to it, and leaving cancels it.
 `resume` picks up a request of the same caller (after a dropped connection or a gateway restart) from the
@@ -18,48 +20,38 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from protocol import contract
+from protocol.api import FieldError, MessageError, WsCancel, WsGenerate, WsResume, WsSudoku
 from service.broker import REDIS_DOWN, Overloaded
 from service.deps import Gateway, GatewayDep, key_is_valid, same_origin_or_allowed, websocket_key
-from service.follow import expire_at, submit_all
+from service.follow import Follower
 from service.identity import ANONYMOUS, tenant_of
 from service.jobs import build_job
-from service.routes.sudoku import SudokuRequest, solve, sudoku_jobs
-from service.schemas import WsCancel, WsGenerate
+from service.routes.sudoku import solve, sudoku_jobs
 from service.strictjson import JsonProblem, loads, printable
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-class WsSudoku(SudokuRequest):
-    type: Literal["sudoku"]
-    ref: str | None = Field(None, max_length=128)
-
-
-class WsResume(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    type: Literal["resume"]
-    request_id: str = Field(min_length=1, max_length=128)
-    offset: int = Field(0, ge=0, le=10_000_000, description="events of the request the client already has")
-
-
 async def _never() -> bool:
     return False
 
 
-def describe(errors) -> str:
-    return printable("; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'message'}: {e['msg']}"
-                               for e in errors))
+def field_errors(errors: Sequence[Any]) -> list[FieldError]:
+    """pydantic's errors as {field, message}: the field's dotted path in the message (None: the message as a
+    whole)."""
+    return [FieldError(field=".".join(printable(p) for p in e["loc"] if p != "body") or None,
+                       message=printable(e["msg"])) for e in errors]
 
 
 def ref_of(data: dict) -> str | None:
@@ -69,18 +61,31 @@ def ref_of(data: dict) -> str | None:
 
 
 class Session:
+    """One WebSocket connection: its requests are its follower's; leaving cancels those still running."""
+
     def __init__(self, ws: WebSocket, gateway: Gateway, tenant: str):
-        self.ws, self.gateway, self.tenant = ws, gateway, tenant
+        self.ws, self.gateway = ws, gateway
+        self.follower = Follower(gateway, tenant)
         self.lock = asyncio.Lock()
-        self.tasks: dict[str, asyncio.Task] = {}
+        self.tasks: set[asyncio.Task] = set()
 
     async def send(self, payload: str) -> None:
         async with self.lock:
             await self.ws.send_text(payload)
 
-    async def problem(self, code: str, message: str, request_id: str | None = None, **extra) -> None:
-        await self.send(json.dumps({"type": "error", "request_id": request_id, "code": code, "message": message,
-                                    **extra}))
+    async def problem(self, code: str, message: str, field: str | None = None, request_id: str | None = None,
+                      **extra: Any) -> None:
+        """A message the gateway cannot act on; `field` is the one at fault (None: the message as a whole)."""
+        error = MessageError.of(code, [FieldError(field=field, message=message)], **extra)
+        await self.send(error.model_copy(update={"request_id": request_id}).encode())
+
+    async def invalid(self, exc: ValidationError | RequestValidationError, ref: str | None = None) -> None:
+        await self.send(MessageError.of("validation_error", field_errors(exc.errors()), ref=ref).encode())
+
+    def start(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def handle(self, data: object) -> None:
         if not isinstance(data, dict):
@@ -90,52 +95,40 @@ class Session:
         handler = handlers.get(kind) if isinstance(kind, str) else None
         if handler is None:
             return await self.problem("invalid_message", f"unknown message type {printable(kind)[:64]!r}; use "
-                                      "generate, sudoku, cancel or resume")
+                                      "generate, sudoku, cancel or resume", "type")
         await handler(data)
 
-    async def forward(self, rid: str, deadline: float | None, offset: int = 0) -> None:
-        expiry = asyncio.create_task(expire_at(self.gateway, rid, deadline))
+    async def forward(self, rid: str, offset: int = 0) -> None:
         try:
-            async for _, event in self.gateway.broker.events_from(rid, offset):
+            async for event in self.follower.events(rid, offset):
                 await self.send(event.text)  # relayed as the worker wrote it
         except (WebSocketDisconnect, RuntimeError):
-            # the client left while this request was open. Cancel it here: this task may notice before the
-            # receive loop does, and `close` only cancels the tasks still registered
-            await self._client_left(rid)
-        finally:
-            expiry.cancel()
-            self.tasks.pop(rid, None)
+            # the client left while this request was open. Leave it here: this task may notice before the
+            # receive loop does
+            await self.follower.leave(rid)
 
-    async def _client_left(self, rid: str) -> None:
-        try:
-            await self.gateway.client_left(rid)
-        except REDIS_DOWN:
-            pass
-
-    async def _submit(self, jobs: list[contract.Job], ref: str | None) -> bool:
-        """Queue jobs as this connection's; a refusal is an error event."""
+    async def _submit(self, jobs: list[contract.Job], ref: str | None) -> list[str]:
+        """Queue jobs as this connection's; a refusal is an error event (and no request ids)."""
         gw = self.gateway
         try:
-            await submit_all(gw, jobs, self.tenant, ref)
+            return await self.follower.submit(jobs, ref)
         except Overloaded as exc:
             gw.metrics.rejected.labels("overloaded").inc()
             await self.problem("overloaded", str(exc), ref=ref, retry_after=gw.settings.retry_after_s)
-            return False
         except REDIS_DOWN:
             gw.metrics.rejected.labels("redis_unavailable").inc()
             await self.problem("unavailable", "queue unavailable, retry later", ref=ref,
                                retry_after=gw.settings.retry_after_s)
-            return False
-        return True
+        return []
 
     async def generate(self, data: dict) -> None:
         try:
             body = WsGenerate.model_validate(data)
             job = await run_in_threadpool(build_job, self.gateway, body)
         except (ValidationError, RequestValidationError) as exc:
-            return await self.problem("validation_error", describe(exc.errors()), ref=ref_of(data))
-        if await self._submit([job], body.ref):
-            self.tasks[job.request_id] = asyncio.create_task(self.forward(job.request_id, job.deadline))
+            return await self.invalid(exc, ref_of(data))
+        for rid in await self._submit([job], body.ref):
+            self.start(self.forward(rid))
 
     async def sudoku(self, data: dict) -> None:
         """A Sudoku: every attempt streams as a request of its own, then one `sudoku_result` event."""
@@ -143,34 +136,33 @@ class Session:
             body = WsSudoku.model_validate(data)
             jobs = await run_in_threadpool(sudoku_jobs, self.gateway, body)
         except (ValidationError, RequestValidationError) as exc:
-            return await self.problem("validation_error", describe(exc.errors()), ref=ref_of(data))
-        if not await self._submit(jobs, body.ref):
-            return
-        for job in jobs:
-            self.tasks[job.request_id] = asyncio.create_task(self.forward(job.request_id, job.deadline))
-        self.tasks[f"sudoku:{jobs[0].request_id}"] = asyncio.create_task(self.sudoku_result(body, jobs))
+            return await self.invalid(exc, ref_of(data))
+        rids = await self._submit(jobs, body.ref)
+        for rid in rids:
+            self.start(self.forward(rid))
+        if rids:
+            self.start(self.sudoku_result(body, rids))
 
-    async def sudoku_result(self, body: WsSudoku, jobs) -> None:
+    async def sudoku_result(self, body: WsSudoku, rids: list[str]) -> None:
         try:
-            result = await solve(self.gateway, body, jobs, _never)
+            result = await solve(self.follower, body, rids, _never)
             if isinstance(result, contract.Error):
                 await self.send(result.model_dump_json())
             else:
                 await self.send(json.dumps({"type": "sudoku_result", "ref": body.ref, **result.model_dump()}))
         except (WebSocketDisconnect, RuntimeError):
             pass
-        finally:
-            self.tasks.pop(f"sudoku:{jobs[0].request_id}", None)
 
     async def cancel(self, data: dict) -> None:
         try:
             msg = WsCancel.model_validate(data)
         except ValidationError as exc:
-            return await self.problem("validation_error", describe(exc.errors()))
-        targets = [msg.request_id] if msg.request_id else [t for t in self.tasks if not t.startswith("sudoku:")]
+            return await self.invalid(exc)
+        targets = [msg.request_id] if msg.request_id else self.follower.open()
         for rid in targets:
-            if rid not in self.tasks:
-                await self.problem("unknown_request", f"no open request {rid!r} on this connection", rid)
+            if rid not in self.follower.open():
+                await self.problem("unknown_request", f"no open request {rid!r} on this connection", "request_id",
+                                   rid)
                 continue
             await self.gateway.broker.cancel(rid)
 
@@ -179,18 +171,20 @@ class Session:
         try:
             msg = WsResume.model_validate(data)
         except ValidationError as exc:
-            return await self.problem("validation_error", describe(exc.errors()))
+            return await self.invalid(exc)
         rid = msg.request_id
-        if rid in self.tasks:
-            return await self.problem("already_open", f"request {rid!r} is already open on this connection", rid)
-        if await self.gateway.broker.owner(rid) != self.tenant:  # another caller's is as unknown as none
-            return await self.problem("unknown_request", f"no request {rid!r} of yours is kept here", rid)
-        self.tasks[rid] = asyncio.create_task(self.forward(rid, None, msg.offset))
+        if rid in self.follower.open():
+            return await self.problem("already_open", f"request {rid!r} is already open on this connection",
+                                      "request_id", rid)
+        if await self.gateway.broker.owner(rid) != self.follower.tenant:  # another caller's is as unknown as none
+            return await self.problem("unknown_request", f"no request {rid!r} of yours is kept here",
+                                      "request_id", rid)
+        self.follower.resume(rid)
+        self.start(self.forward(rid, msg.offset))
 
     async def close(self) -> None:
-        for rid, task in list(self.tasks.items()):
-            if not rid.startswith("sudoku:"):
-                await self._client_left(rid)
+        await self.follower.close()
+        for task in list(self.tasks):
             task.cancel()
 
 
@@ -224,7 +218,8 @@ async def receive_loop(ws: WebSocket, session: Session, max_bytes: int) -> None:
         try:
             data = loads(raw)
         except JsonProblem as exc:
-            await session.problem("invalid_json", f"message is not strict JSON: {printable(exc.describe())}")
+            where = ".".join(printable(p) for p in exc.path) or None
+            await session.problem("invalid_json", f"message is not strict JSON: {printable(exc.message)}", where)
             continue
         try:
             await session.handle(data)

@@ -61,7 +61,9 @@ function showError(el, message) {
 }
 
 function describeError(event) {
-  let text = event.message || event.code || "error";
+  // a refused message names each field at fault in `errors`; a failed request has only `message`
+  const fields = (event.errors || []).map((e) => (e.field ? `${e.field}: ${e.message}` : e.message));
+  let text = fields.join("; ") || event.message || event.code || "error";
   if (event.code && !["validation_error", "cancelled"].includes(event.code)) text = `${event.code}: ${text}`;
   if (event.retry_after) text += ` (retry after ${event.retry_after} s)`;
   return text;
