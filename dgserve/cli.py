@@ -22,6 +22,20 @@ from pathlib import Path
 TRAIN_PROG = "dgserve train"
 
 
+def _settings(cls, command: str, overrides: dict):
+    """A process's settings, or exit 2 with one line per problem naming its variable (no traceback)."""
+    from pydantic import ValidationError
+
+    from protocol.environment import describe
+
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        for line in describe(exc):
+            print(f"dgserve {command}: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def _gateway(args: argparse.Namespace) -> int:
     from service.server import run_gateway
     from service.settings import GatewaySettings
@@ -29,7 +43,7 @@ def _gateway(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
     if args.models:
         overrides["models"] = args.models
-    return run_gateway(GatewaySettings(**overrides))
+    return run_gateway(_settings(GatewaySettings, "gateway", overrides))
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -42,7 +56,7 @@ def _worker(args: argparse.Namespace) -> int:
         "max_batch": args.max_batch, "max_context": args.max_context, "metrics_port": args.metrics_port,
     }
     try:
-        return run_worker(WorkerSettings(**{k: v for k, v in overrides.items() if v is not None}))
+        return run_worker(_settings(WorkerSettings, "worker", {k: v for k, v in overrides.items() if v is not None}))
     except MetricsServerError as exc:
         print(f"dgserve worker: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from protocol import environment
 from protocol.contract import EVENTS_TTL_S
 
 
@@ -47,6 +49,11 @@ class GatewaySettings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _every_dg_variable_is_read(self) -> GatewaySettings:  # a typo is an error naming it, not silence
+        environment.check(os.environ)
+        return self
 
     @field_validator("models", "api_keys", "cors_origins", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import torch
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 from worker.engine import Engine, EngineConfig
-from worker.types import DoneEvent, EngineRequest, ErrorEvent, SamplingParams, StepEvent
+from worker.types import CanvasEvent, DoneEvent, EngineRequest, ErrorEvent, SamplingParams, StepEvent
 
 EOS = (1, 5)
 
@@ -186,7 +186,7 @@ def test_no_growth_of_live_tensors_across_1000_steps(model, tiny_model):
 
     def top_up():
         nonlocal counter
-        while engine.free_slots > 0:
+        while engine.active + len(engine.pending) < engine.config.max_batch:
             counter += 1
             engine.add(EngineRequest(f"r{counter}", tok(f"request {counter}").input_ids,
                                      params(counter, max_new_tokens=32 * (1 + counter % 3), max_denoising_steps=4)))
@@ -214,7 +214,35 @@ def test_tokens_match_every_experts_implementation_of_the_reference(tiny_checkpo
 
     req = mixed_requests(tiny_model[1])[1]
     for impl in ("grouped_mm", "batched_mm", "eager"):
-        m, _ = load_model(str(tiny_checkpoint), device="cpu", dtype="float32", experts_implementation=impl)
+        m, _ = load_model(str(tiny_checkpoint), device="cpu", dtype="float32")
+        m.set_experts_implementation(impl)  # the reference's kernels (ours ignore it)
         assert m.config.get_text_config()._experts_implementation == impl
         done, _ = run(Engine(m, EngineConfig(max_batch=2, max_context=512, sampler="exact")), [req])
         assert done[req.request_id].token_ids == reference(m, req.prompt_ids, req.params), impl
+
+
+def test_finish_ends_a_running_row_as_done_with_the_tokens_kept(model, tiny_model):
+    """`Engine.finish` (a stop string found above the engine) is applied between steps, like a cancel: the row leaves
+    at the next step with a DoneEvent carrying its reason and the first `keep_tokens` of its tokens; the rest of the
+    batch goes on; a request no longer running is left alone."""
+    tok = tiny_model[1]
+    a = EngineRequest("a", tok("stop me").input_ids, params(1, max_new_tokens=96, max_denoising_steps=3,
+                                                            eos_token_ids=()))
+    b = EngineRequest("b", tok("go on").input_ids, params(2, max_denoising_steps=200))
+    engine = Engine(model, EngineConfig(max_batch=4, max_context=512))
+    committed, steps = None, 0
+    for events in engine.generate([a, b]):
+        steps += sum(isinstance(e, StepEvent) and e.request_id == "a" for e in events)
+        committed = next((e for e in events if isinstance(e, CanvasEvent) and e.request_id == "a"), None)
+        if committed:
+            break
+    assert committed is not None and len(committed.token_ids) == 32
+    engine.finish("a", "stop_string", 5)
+    engine.finish("never-added", "stop_string", 1)
+    events = engine.step()
+    [done] = [e for e in events if e.request_id == "a"]  # nothing else of it: no step, no canvas
+    assert isinstance(done, DoneEvent) and done.finish_reason == "stop_string"
+    assert done.token_ids == committed.token_ids[:5]
+    assert (done.canvases, done.denoising_steps, done.prompt_tokens) == (1, steps, len(a.prompt_ids))
+    assert {e.request_id for e in events} == {"a", "b"} and engine.active == 1
+    assert [r.request_id for r in engine.rows] == ["b"]

@@ -65,10 +65,10 @@ class WorkerBroker:
                                       block=block_ms)
         return reply[0][1] if reply else []
 
-    def take(self, request_id: str) -> tuple[str, int]:
-        """run | cancel | skip, and the attempt this is (see TAKE_LUA)."""
+    def take(self, request_id: str) -> tuple[contract.Take, int]:
+        """The verdict on a job read here, and the attempt this is (see TAKE_LUA)."""
         verdict, attempt = self._take(keys=[contract.request_key(request_id)], args=[self.worker_id])
-        return (verdict.decode() if isinstance(verdict, bytes) else verdict), int(attempt)
+        return contract.Take(verdict.decode() if isinstance(verdict, bytes) else verdict), int(attempt)
 
     def restarted(self, request_id: str, entry_id: bytes, attempt: int) -> bool:
         """Tell the request's followers that its drafts start over; False if this worker no longer owns it."""
@@ -82,19 +82,17 @@ class WorkerBroker:
         pipe.xdel(self.stream, entry_id)
         pipe.execute()
 
-    def fail(self, job: contract.Job, entry_id: bytes, error: contract.Error, deadletter: bool = False) -> None:
-        """End a job this worker just took without running it."""
-        rid = job.request_id
-        pipe = self.redis.pipeline()
-        pipe.xadd(contract.events_key(rid), {contract.EVENT_FIELD: contract.encode(error)})
-        pipe.expire(contract.events_key(rid), contract.EVENTS_TTL_S)
-        pipe.hset(contract.request_key(rid), contract.STATUS_FIELD, contract.final_status(error))
+    def fail(self, job: contract.Job, entry_id: bytes, error: contract.Error, deadletter: bool = False) -> bool:
+        """End a job this worker just took without running it: its error published as any final event is (only
+        while this worker owns the job), and with `deadletter` the job kept in the dead-letter stream. False if
+        this worker no longer owns it."""
+        final = Publication(entry_id, [contract.encode(error)], contract.final_status(error))
+        if self.publish({job.request_id: final}):
+            return False
         if deadletter:
             entry = {contract.JOB_FIELD: contract.encode(job), contract.REASON_FIELD: error.message}
-            pipe.xadd(contract.DEADLETTER, entry, maxlen=contract.DEADLETTER_MAXLEN, approximate=True)
-        pipe.xack(self.stream, contract.GROUP, entry_id)
-        pipe.xdel(self.stream, entry_id)
-        pipe.execute()
+            self.redis.xadd(contract.DEADLETTER, entry, maxlen=contract.DEADLETTER_MAXLEN, approximate=True)
+        return True
 
     # ------------------------------------------------------------- running
     def publish(self, batch: dict[str, Publication]) -> set[bytes]:

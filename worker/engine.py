@@ -128,10 +128,6 @@ class Engine:
         return self.runner.forwards
 
     @property
-    def free_slots(self) -> int:
-        return self.scheduler.free_slots
-
-    @property
     def active(self) -> int:
         return len(self.scheduler.rows)
 
@@ -147,6 +143,11 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         """Mark a request; it leaves the batch at the next step."""
         self.scheduler.cancel(request_id)
+
+    def finish(self, request_id: str, reason: str, keep_tokens: int) -> None:
+        """End a running request as done (e.g. `stop_string`) with its first `keep_tokens` tokens; it leaves the batch
+        at the next step with a `DoneEvent`. A request no longer running is left alone."""
+        self.scheduler.finish(request_id, reason, keep_tokens)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

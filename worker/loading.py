@@ -27,8 +27,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto", quantization: str = "none",
-               experts_implementation: str = "auto"):
+def load_model(path: str, device: str = "auto", dtype: str = "auto", quantization: str = "none"):
     """Load model and tokenizer once. Shows transformers' own progress bar while weights load."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -36,8 +35,6 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", quantizatio
     kwargs: dict = {"dtype": dt}
     if dev.type == "cuda":
         kwargs["device_map"] = str(dev)
-    if experts_implementation != "auto":
-        kwargs["experts_implementation"] = experts_implementation
     kwargs.update(from_pretrained_kwargs(quantization, dev))  # quantized experts: always eager
     log.info("loading %s on %s as %s%s", path, dev, dt, "" if quantization == "none" else f", {quantization} weights")
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, **kwargs).eval()
@@ -45,6 +42,5 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", quantizatio
         model.to(dev)
     after_load(model, quantization)  # fp8: the loaded weights quantized in place
     tokenizer = AutoTokenizer.from_pretrained(path)
-    log.info("loaded %s in %.1fs (weights %.2f GB, %s experts)", path, time.monotonic() - started,
-             weight_bytes(model) / 1e9, model.config.get_text_config()._experts_implementation)
+    log.info("loaded %s in %.1fs (weights %.2f GB)", path, time.monotonic() - started, weight_bytes(model) / 1e9)
     return model, tokenizer

@@ -20,7 +20,7 @@ def run_worker(settings: WorkerSettings) -> int:
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import torch
 
-    from worker.engine import Engine, EngineConfig
+    from worker.engine import Engine
     from worker.loading import load_model, resolve_device
     from worker.metrics import WorkerMetrics, serve_http
     from worker.quantize import check_supported
@@ -53,17 +53,15 @@ def run_worker(settings: WorkerSettings) -> int:
         if server is not None:
             server.shutdown()
         return 2
-    model, tokenizer = load_model(settings.model_path, settings.device, settings.dtype, settings.quantization,
-                                  settings.experts_implementation)
-    engine = Engine(model, EngineConfig(max_batch=settings.max_batch, max_context=settings.max_context,
-                                        sample_chunk_rows=settings.sample_chunk_rows))
+    model, tokenizer = load_model(settings.model_path, settings.device, settings.dtype, settings.quantization)
+    engine = Engine(model, settings.engine_config())
     log.info("engine ready: model=%s max_batch=%d max_context=%d kv=%.1f MB/row decode=%s sampler=%s",
              settings.model_name, settings.max_batch, settings.max_context, engine.pool.bytes_per_row / 1e6,
              engine.decode_mode, engine.sampler_mode)
     metrics.engine = engine
     runner = Runner(engine, tokenizer, settings.redis_url, settings.model_name, settings.worker_id,
                     heartbeat_interval_s=settings.heartbeat_interval_s, lease_ms=settings.lease_ms,
-                    max_attempts=settings.max_attempts, observer=metrics.observer(), on_step=metrics.step)
+                    max_attempts=settings.max_attempts, hooks=metrics)
     state["runner"] = runner
 
     def on_signal(signum, _frame):

@@ -14,8 +14,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel
 
 from protocol import contract
+from worker.hooks import RunnerHooks
+from worker.types import CanvasEvent
 
 P = "dgserve:"
 log = logging.getLogger("dgserve.requests")
@@ -24,7 +27,10 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 TPF_BUCKETS = (0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class WorkerMetrics:
+class WorkerMetrics(RunnerHooks):
+    """The worker's Prometheus metrics and its request-end log line, fed by the runner's hooks (no state per
+    request: what a hook is given is all it needs)."""
+
     def __init__(self, model: str):
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name"]
@@ -58,60 +64,41 @@ class WorkerMetrics:
         self.engine = None
         self.tokens_per_forward = Histogram(P + "tokens_per_forward", "Generated tokens per denoising step",
                                             labels, registry=r, buckets=TPF_BUCKETS)
-        self._first_seen: dict[str, float] = {}
-        self._canvas_start: dict[str, float] = {}
-        self._created: dict[str, float] = {}
 
-    def observer(self) -> Callable[[str, object], None]:
+    # ------------------------------------------------------------ the runner's hooks
+    def admitted(self, job: contract.Job) -> None:
         m = self.model
+        self.queue_time.labels(m).observe(max(0.0, time.time() - job.created_at))
+        self.prompt_tokens.labels(m).inc(len(job.prompt_ids))
 
-        def observe(kind: str, payload: object) -> None:
-            now = time.time()
-            if kind == "admitted":
-                job: contract.Job = payload  # type: ignore[assignment]
-                self._created[job.request_id] = job.created_at
-                self._canvas_start[job.request_id] = now
-                self.queue_time.labels(m).observe(max(0.0, now - job.created_at))
-                self.prompt_tokens.labels(m).inc(len(job.prompt_ids))
-            elif kind == "failed":
-                self.failure.labels(m, str(payload)).inc()
-            elif kind == "event":
-                self._event(payload, now)
+    def committed(self, canvas: CanvasEvent) -> None:
+        self.canvas_latency.labels(self.model).observe(canvas.seconds)
 
-        return observe
-
-    def _event(self, ev, now: float) -> None:
-        m, rid = self.model, ev.request_id
-        if ev.type == "step":
+    def published(self, event: BaseModel, job: contract.Job) -> None:
+        m, since_created = self.model, time.time() - job.created_at
+        kind = event.type  # type: ignore[attr-defined]
+        if kind == "step":
             self.denoising_steps.labels(m).inc()
-            if rid not in self._first_seen and rid in self._created:
-                self._first_seen[rid] = now
-                self.first_step.labels(m).observe(now - self._created[rid])
-        elif ev.type == "canvas":
-            start = self._canvas_start.get(rid, now)
-            self.canvas_latency.labels(m).observe(now - start)
-            self._canvas_start[rid] = now
-        elif ev.type in contract.FINAL_TYPES:
-            created = self._created.pop(rid, None)
-            first = self._first_seen.pop(rid, None)
-            self._canvas_start.pop(rid, None)
-            if created is not None:
-                self.e2e.labels(m).observe(now - created)
-            fields = {"request_id": rid, "model": m, "outcome": ev.type if ev.type == "done" else ev.code,
-                      "e2e_s": round(now - created, 4) if created else None,
-                      "first_step_s": round(first - created, 4) if first and created else None}
-            if ev.type == "done":
-                fields |= {"finish_reason": ev.finish_reason, **ev.usage.model_dump()}
-            log.info("request end %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
-            if ev.type == "done":
-                self.success.labels(m, ev.finish_reason).inc()
-                self.generation_tokens.labels(m).inc(ev.usage.completion_tokens)
-                self.tokens_per_forward.labels(m).observe(ev.usage.tokens_per_forward)
-            else:
-                self.failure.labels(m, ev.code).inc()
+            if event.canvas == 0 and event.step == 1:  # type: ignore[attr-defined]  (the first of this attempt)
+                self.first_step.labels(m).observe(since_created)
+        elif kind in contract.FINAL_TYPES:
+            self.e2e.labels(m).observe(since_created)
+            self._ended(event, since_created)  # type: ignore[arg-type]
 
-    def step(self, seconds: float, rows: int, running: int, pending: int) -> None:
-        """After a batched step of `rows` rows: `running` rows remain, `pending` wait to join."""
+    def _ended(self, event: contract.Done | contract.Error, e2e_s: float) -> None:
+        m = self.model
+        fields = {"request_id": event.request_id, "model": m,
+                  "outcome": event.type if event.type == "done" else event.code, "e2e_s": round(e2e_s, 4)}
+        if event.type == "done":
+            fields |= {"finish_reason": event.finish_reason, **event.usage.model_dump()}
+            self.success.labels(m, event.finish_reason).inc()
+            self.generation_tokens.labels(m).inc(event.usage.completion_tokens)
+            self.tokens_per_forward.labels(m).observe(event.usage.tokens_per_forward)
+        else:
+            self.failure.labels(m, event.code).inc()
+        log.info("request end %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+
+    def stepped(self, seconds: float, rows: int, running: int, pending: int) -> None:
         m = self.model
         self.step_time.labels(m).observe(seconds)
         self.batch_size.labels(m).observe(rows)

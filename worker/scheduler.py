@@ -1,8 +1,9 @@
 """The scheduler: every request's record, admission, commits, cancels; it hands the engine a plan per step.
 
-Between steps, in one order: drop cancelled rows, admit waiting requests while slots are free (a request that can
-never fit fails alone), collect canvases committed at the previous step; after the step, apply the sampler's
-decisions to each row: its step event, and a commit (then its next canvas, or its end) when the canvas stops.
+Between steps, in one order: drop cancelled and finished rows (`finish`: a stop string found above the engine), admit
+waiting requests while slots are free (a request that can never fit fails alone), collect canvases committed at the
+previous step; after the step, apply the sampler's decisions to each row: its step event, and a commit (then its next
+canvas, or its end) when the canvas stops; a row past its running deadline ends there.
 
 A `Row` is the one record of a request on the worker. Rows occupy KV pool slots 0..n-1 (slot = index in `rows`):
 a leaving row's slot is filled by the last row, so a decoder step reads the pool's first n slots.
@@ -11,10 +12,12 @@ a leaving row's slot is filled by the last row, so a decoder step reads the pool
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from protocol import contract
 from worker.kvcache import KVPool
 from worker.types import CanvasEvent, DoneEvent, EngineEvent, EngineRequest, ErrorEvent, StepEvent
 
@@ -35,6 +38,8 @@ class Row:
     total_steps: int = 0
     tokens: list[int] = field(default_factory=list)
     needs_encode: list[int] | None = None  # committed canvas waiting to be encoded
+    admitted_at: float = field(default_factory=time.monotonic)  # the running deadline counts from here
+    canvas_started: float = field(default_factory=time.monotonic)  # admission, then the previous commit
 
     @property
     def request_id(self) -> str:
@@ -69,24 +74,20 @@ class Scheduler:
         self.rows: list[Row] = []  # rows[i].slot == i
         self.pending: list[EngineRequest] = []
         self.cancelled: set[str] = set()
+        self.finishing: dict[str, tuple[str, int]] = {}  # request id -> (finish reason, tokens kept)
 
     # ---------------------------------------------------------------- control
-    @property
-    def free_slots(self) -> int:
-        return self.max_batch - len(self.rows) - len(self.pending)
-
     def add(self, request: EngineRequest) -> None:
         self.pending.append(request)
 
     def cancel(self, request_id: str) -> None:
         self.cancelled.add(request_id)
 
+    def finish(self, request_id: str, reason: str, keep_tokens: int) -> None:
+        self.finishing[request_id] = (reason, keep_tokens)
+
     def has_work(self) -> bool:
         return bool(self.rows or self.pending)
-
-    def needed_context(self, req: EngineRequest) -> int:
-        """Pool positions a request needs: its prompt and whole canvases for max_new_tokens."""
-        return len(req.prompt_ids) + math.ceil(req.params.max_new_tokens / self.canvas_length) * self.canvas_length
 
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan:
@@ -97,6 +98,13 @@ class Scheduler:
         return StepPlan(events, prompts, commits)
 
     def _drop_cancelled(self, events: list[EngineEvent]) -> None:
+        """Cancelled requests end with an error, finished rows (`finish`) with their tokens cut where asked."""
+        for row in [r for r in self.rows if r.request_id in self.finishing]:
+            reason, keep = self.finishing[row.request_id]
+            events.append(DoneEvent(row.request_id, row.tokens[:keep], reason, len(row.req.prompt_ids),
+                                    row.canvas_index, row.total_steps))
+            self.release(row)
+        self.finishing.clear()
         if not self.cancelled:
             return
         for req in [p for p in self.pending if p.request_id in self.cancelled]:
@@ -111,7 +119,7 @@ class Scheduler:
         admitted: list[Row] = []
         while self.pending and len(self.rows) < self.max_batch:
             req = self.pending.pop(0)
-            needed = self.needed_context(req)
+            needed = contract.context_needed(len(req.prompt_ids), req.params.max_new_tokens, self.canvas_length)
             if not req.prompt_ids or needed > self.max_context:
                 events.append(ErrorEvent(
                     req.request_id, "too_long",
@@ -180,10 +188,16 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update(self, rows: list[Row], canvas: torch.Tensor, draft: torch.Tensor, soft: torch.Tensor,
                host: Decisions) -> list[EngineEvent]:
-        """Apply one step's decisions: each row's next state and step event; commits; finished rows leave."""
+        """Apply one step's decisions: each row's next state and step event; commits; finished rows leave, and so do
+        rows with non-finite entropies or past their running deadline (each with an error)."""
         events: list[EngineEvent] = []
         finished: list[Row] = []
         for i, row in enumerate(rows):
+            if not math.isfinite(host.mean_entropy[i]):  # never a NaN step: JSON has none, followers would choke
+                events.append(ErrorEvent(row.request_id, "numerical_error", "the sampler's entropies are not "
+                                         "finite (are the temperatures too low for this model?)"))
+                finished.append(row)
+                continue
             row.step_in_canvas += 1
             row.total_steps += 1
             row.run = host.run[i]
@@ -194,9 +208,24 @@ class Scheduler:
             if host.stop[i] or row.step_in_canvas >= row.req.params.max_denoising_steps:
                 if self._commit(row, host.draft[i], events):
                     finished.append(row)
+                    continue
+            if overrun := self._past_deadline(row):
+                events.append(ErrorEvent(row.request_id, "deadline_exceeded", overrun))
+                finished.append(row)
         for row in finished:
             self.release(row)
         return events
+
+    @staticmethod
+    def _past_deadline(row: Row) -> str | None:
+        """Why a running request must end now (its running deadline), or None."""
+        req = row.req
+        if req.max_steps is not None and row.total_steps >= req.max_steps:
+            return f"the request ran {row.total_steps} denoising steps, the limit per request of this deployment"
+        elapsed = time.monotonic() - row.admitted_at
+        if req.max_running_s is not None and elapsed > req.max_running_s:
+            return f"the request ran for {elapsed:.0f} s, past the limit of {req.max_running_s:g} s per request"
+        return None
 
     def _commit(self, row: Row, draft: list[int], events: list[EngineEvent]) -> bool:
         """Commit the draft as the row's next canvas. Returns True when the request is finished."""
@@ -206,7 +235,9 @@ class Scheduler:
         budget = params.max_new_tokens - len(row.tokens)
         kept = draft[: cut if cut is not None else len(draft)][:budget]
         row.tokens.extend(kept)
-        events.append(CanvasEvent(row.request_id, row.canvas_index, kept, row.step_in_canvas))
+        now = time.monotonic()
+        events.append(CanvasEvent(row.request_id, row.canvas_index, kept, row.step_in_canvas, now - row.canvas_started))
+        row.canvas_started = now
         row.canvas_index += 1
         if cut is not None and cut <= budget:
             reason = "stop"

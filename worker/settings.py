@@ -1,13 +1,21 @@
-"""Worker settings: read once at start-up from the environment (DG_*, REDIS_URL, HF_*)."""
+"""Worker settings: read once at start-up from the environment (DG_*, REDIS_URL, HF_*).
+
+A DG_* variable that no dgserve process reads is an error naming it (`protocol.environment`), not silence.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol import environment
+
+if TYPE_CHECKING:
+    from worker.engine import EngineConfig
 
 
 def _default_worker_id() -> str:
@@ -26,9 +34,9 @@ class WorkerSettings(BaseSettings):
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
     # weight-only, through torchao (worker/quantize.py): int4 for 24 GB cards (CUDA), int8 (CPU or CUDA), fp8 (CUDA)
     quantization: Literal["none", "int4", "int8", "fp8"] = "none"
-    # transformers' mixture-of-experts kernels: auto (transformers' default, grouped_mm where the card has it;
-    # quantized weights always use eager) | grouped_mm | batched_mm | eager. bench/engine.py --experts compares them
-    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = "auto"
+    # the sampler's kernels (worker.engine.EngineConfig.sampler): exact (the reference's tokens for a seed), fast,
+    # fused (Triton, CUDA), auto (fused on CUDA with Triton, fast elsewhere)
+    sampler: Literal["auto", "exact", "fast", "fused"] = "auto"
     max_batch: int = Field(8, ge=1, le=1024)
     max_context: int = Field(2048, ge=16)
     sample_chunk_rows: int = Field(4, ge=1)
@@ -44,3 +52,14 @@ class WorkerSettings(BaseSettings):
 
     log_json: bool = False
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _every_dg_variable_is_read(self) -> WorkerSettings:
+        environment.check(os.environ)
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        from worker.engine import EngineConfig
+
+        return EngineConfig(max_batch=self.max_batch, max_context=self.max_context,
+                            sample_chunk_rows=self.sample_chunk_rows, sampler=self.sampler)
