@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from worker.device import device_name  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 from worker.types import DoneEvent, EngineRequest, ErrorEvent, SamplingParams  # noqa: E402
 
@@ -313,12 +313,6 @@ def state_bytes_per_request(engine: Engine) -> dict:
 def write(out: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def cpu_main(args) -> dict:

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.serving.workload import build_workload
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "serve.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_serve", module)  # dataclasses look their module up
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def test_prompts_have_the_requested_number_of_tokens(tiny_checkpoint):
     from service.registry import load_model
 
-    bench = load_bench()
     served = load_model("bench", str(tiny_checkpoint))
     args = type("Args", (), dict(clients=3, requests_per_client=2, prompt_tokens=40, max_new_tokens=64, steps=4,
                                  seed=5))
-    reqs = bench.build_workload(served, args)
+    reqs = build_workload(served, args)
     assert len(reqs) == 6 and len({r.ref for r in reqs}) == 6 and len({r.seed for r in reqs}) == 6
     for r in reqs:  # what the gateway makes of the text is what the engine mode is given
         assert served.encode_prompt(r.prompt) == r.prompt_ids
@@ -58,6 +50,8 @@ def test_serve_benchmark_smoke(tiny_checkpoint, tmp_path):
             assert {"p50", "p90", "p99"} <= set(s[key]), (mode, key, s[key])
         assert s[mode if mode == "engine" else "worker"]["steps"] > 0
     assert data["modes"]["service"]["queued_s"]["n"] == 2
+    diagnostic = data["modes"]["engine+publisher"]  # the worker's publisher beside the engine, through its public API
+    assert diagnostic["completed"] == 2 and diagnostic["publisher"]["batches"] > 0, diagnostic
     assert data["ratios"]["tok_s_service_over_engine"] > 0
     assert data["same_tokens"]["all_identical"], data["same_tokens"]
     assert data["prompt_tokens_agree"]

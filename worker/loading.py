@@ -8,17 +8,12 @@ import time
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
+from worker.device import resolve_device
 from worker.quantize import after_load, from_pretrained_kwargs, weight_bytes
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

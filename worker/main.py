@@ -20,8 +20,9 @@ def run_worker(settings: WorkerSettings) -> int:
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     import torch
 
+    from worker.device import resolve_device
     from worker.engine import Engine
-    from worker.loading import load_model, resolve_device
+    from worker.loading import load_model
     from worker.metrics import WorkerMetrics, serve_http
     from worker.quantize import check_supported
     from worker.runner import Runner
