@@ -1,6 +1,8 @@
 """The protocol between dgserve's processes: the leaf every other package imports, importing none of them.
 
-    contract.py   every Redis key, field, payload, request status and Lua script; client settings for Redis
+    contract.py   every Redis key, field, payload, request status (and its transitions) and Lua script; client
+                  settings for Redis; sampling defaults from a checkpoint's generation config; usage
+    api.py        the gateway's public API: request bodies, answers, WebSocket messages (the client reads them too)
     sudoku.py     the rules of a Sudoku (normalising, checking, reading a grid out of a canvas)
     logs.py       one logging setup for every process
 
