@@ -26,13 +26,13 @@ class Gateway:
     websockets: set[WebSocket] = field(default_factory=set)
     worker_context: dict[str, int] = field(default_factory=dict)  # model -> largest max_context of a live worker
     shutting_down: bool = False
+    connections_per_client: dict[str, int] = field(default_factory=dict)
 
     async def client_left(self, request_id: str) -> None:
         """A client left its request: cancel it, unless this gateway is shutting down (then the request runs on,
         for its client to resume from another gateway; its running deadline bounds it)."""
         if not self.shutting_down:
             await self.broker.cancel(request_id)
-    connections_per_client: dict[str, int] = field(default_factory=dict)
 
 
 def _gateway(conn: HTTPConnection) -> Gateway:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -121,25 +121,27 @@ class Session:
                                retry_after=gw.settings.retry_after_s)
         return []
 
-    async def generate(self, data: dict) -> None:
+    async def _accept(self, data: dict, kind: type[WsGenerate] | type[WsSudoku],
+                      jobs_of: Callable[[Gateway, Any], list[contract.Job]]) -> tuple[Any, list[str]]:
+        """Validate a message, build its jobs (off the event loop), queue them and forward each request's events.
+        The body and the request ids; none for a refused message (its error event is sent)."""
         try:
-            body = WsGenerate.model_validate(data)
-            job = await run_in_threadpool(build_job, self.gateway, body)
+            body = kind.model_validate(data)
+            jobs = await run_in_threadpool(jobs_of, self.gateway, body)
         except (ValidationError, RequestValidationError) as exc:
-            return await self.invalid(exc, ref_of(data))
-        for rid in await self._submit([job], body.ref):
-            self.start(self.forward(rid))
-
-    async def sudoku(self, data: dict) -> None:
-        """A Sudoku: every attempt streams as a request of its own, then one `sudoku_result` event."""
-        try:
-            body = WsSudoku.model_validate(data)
-            jobs = await run_in_threadpool(sudoku_jobs, self.gateway, body)
-        except (ValidationError, RequestValidationError) as exc:
-            return await self.invalid(exc, ref_of(data))
+            await self.invalid(exc, ref_of(data))
+            return None, []
         rids = await self._submit(jobs, body.ref)
         for rid in rids:
             self.start(self.forward(rid))
+        return body, rids
+
+    async def generate(self, data: dict) -> None:
+        await self._accept(data, WsGenerate, lambda gateway, body: [build_job(gateway, body)])
+
+    async def sudoku(self, data: dict) -> None:
+        """A Sudoku: every attempt streams as a request of its own, then one `sudoku_result` event."""
+        body, rids = await self._accept(data, WsSudoku, sudoku_jobs)
         if rids:
             self.start(self.sudoku_result(body, rids))
 

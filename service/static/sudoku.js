@@ -1,4 +1,4 @@
-// Sudoku grid helpers (the page's small equivalents of dgserve/sudoku.py) and bundled example puzzles.
+// Sudoku grid helpers (the page's small equivalents of protocol/sudoku.py) and bundled example puzzles.
 // A puzzle is 81 characters row by row with "0" for a blank; a grid of cells is 81 characters, a digit
 // 1-9 or "." for a cell without a digit.
 
@@ -24,7 +24,7 @@ export const EXAMPLES = [
     puzzle: "..6.187.....3.....2...........173..6.........1..2.6..85......3.8...654.7.4.....81" },
 ];
 
-const SEPARATORS = new Set([" ", "\t", "\r", "\n", "|", "+", "-"]);
+const SEPARATORS = new Set([" ", "\t", "\r", "\n", "|", "+", "-", "_"]);
 
 // 81 characters with "0" for every blank, or throws an Error naming the problem (like normalize_puzzle).
 export function normalizePuzzle(text) {
