@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -149,3 +151,37 @@ def test_models_do_not_show_server_paths(service, tiny_checkpoint):
     r = httpx.get(service.url + "/v1/models")
     assert r.status_code == 200 and str(tiny_checkpoint) not in r.text
     assert all("source" not in m for m in r.json()["data"])
+
+
+def _left(url: str) -> float:
+    """Requests whose client left before their final event, as the gateway counted them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    return sum(s.value for s in families["dgserve:gateway_request_finished"].samples
+               if s.name.endswith("_total") and s.labels["outcome"] == "client_disconnected")
+
+
+def test_a_stream_whose_client_leaves_cancels_every_choice(client, service):
+    """A diffusing stream of n=2 left after its first steps: both requests are cancelled (the one path's cancel on
+    exit), and the service serves the next request."""
+    import redis
+
+    from protocol import contract
+
+    r = redis.Redis.from_url(service.redis.url)
+    before, cancels = _left(service.url), r.xlen(contract.CANCELS)
+    stream = client.completions.create(model="tiny", prompt="leave me", max_tokens=64, n=2, stream=True,
+                                       extra_body={"diffusing": True, "max_denoising_steps": 500})
+    for i, _ in enumerate(stream):
+        if i == 4:
+            break
+    stream.close()
+    for _ in range(100):
+        if _left(service.url) >= before + 2:
+            break
+        httpx.get(service.url + "/healthz")
+        time.sleep(0.1)
+    assert _left(service.url) == before + 2 and r.xlen(contract.CANCELS) == cancels + 2
+    r.close()
+    assert client.completions.create(model="tiny", prompt="next", max_tokens=8).choices[0].finish_reason
