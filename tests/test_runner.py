@@ -71,3 +71,18 @@ def test_a_dg_variable_no_process_reads_stops_the_worker_at_start_up(variable, n
     assert variable in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
     assert (f"did you mean {named}?" in proc.stderr) if named else "did you mean" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_dg_sampler_reaches_the_worker_s_engine(tiny_checkpoint, tmp_path):
+    """README's DG_SAMPLER=exact is a worker setting the engine is built with (it was silently ignored)."""
+    import time
+
+    from tests.procs import Service
+
+    with Service({"tiny": tiny_checkpoint}, tmp_path) as svc:
+        worker = svc.start_worker("tiny", sampler="exact")
+        deadline = time.monotonic() + 120
+        while "engine ready" not in worker.log() and worker.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        [ready] = [line for line in worker.log().splitlines() if "engine ready" in line]
+    assert "sampler=exact" in ready, ready

@@ -150,10 +150,14 @@ class Publisher:
     def _held(self, events: list[EngineEvent]) -> Iterator[tuple[EngineEvent, Delivery]]:
         """The events to publish: of requests still held, and of a finishing one only its final event."""
         for ev in events:
+            final = isinstance(ev, DoneEvent | ErrorEvent)
             delivery = self.deliveries.get(ev.request_id)
-            if delivery is None or (delivery.finishing and not isinstance(ev, DoneEvent | ErrorEvent)):
+            if delivery is None:  # released here (lease lost, handed back): its text goes with its last event
+                if final:
+                    self.detok.forget(ev.request_id)
                 continue
-            yield ev, delivery
+            if final or not delivery.finishing:
+                yield ev, delivery
 
     def write(self, batch: Batch) -> None:
         """One atomic script: events of jobs this worker still owns; a final event also acknowledges its job."""

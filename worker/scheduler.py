@@ -109,9 +109,9 @@ class Scheduler:
             return
         for req in [p for p in self.pending if p.request_id in self.cancelled]:
             self.pending.remove(req)
-            events.append(ErrorEvent(req.request_id, "cancelled", "request cancelled"))
+            events.append(ErrorEvent(req.request_id, contract.CANCELLED, "request cancelled"))
         for row in [r for r in self.rows if r.request_id in self.cancelled]:
-            events.append(ErrorEvent(row.request_id, "cancelled", "request cancelled"))
+            events.append(ErrorEvent(row.request_id, contract.CANCELLED, "request cancelled"))
             self.release(row)
         self.cancelled.clear()
 

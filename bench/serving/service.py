@@ -14,6 +14,7 @@ from pathlib import Path
 from bench.serving.clients import run_clients
 from bench.serving.procstat import CpuWatch, metric, run_info, scrape, thread_name, thread_time_split
 from bench.serving.workload import Record, Req
+from protocol import contract
 
 
 def redis_costs(redis_url: str, sample_event: str, rounds: int = 200) -> dict:
@@ -22,7 +23,7 @@ def redis_costs(redis_url: str, sample_event: str, rounds: int = 200) -> dict:
 
     r = redis.Redis.from_url(redis_url)
     key = "bench:events:xread"
-    r.xadd(key, {"e": sample_event})
+    r.xadd(key, {contract.EVENT_FIELD: sample_event})
     t = time.perf_counter()
     for _ in range(rounds):
         r.xread({key: "0-0"}, count=512)
