@@ -107,7 +107,8 @@ class Follower:
             if r.model is not None:
                 metrics.e2e.labels(r.model).observe(time.monotonic() - r.started)
                 final = event.parse()
-                metrics.finished.labels(r.model, "done" if final.type == "done" else final.code).inc()  # type: ignore[union-attr]
+                outcome = final.code if isinstance(final, contract.Error) else final.type
+                metrics.finished.labels(r.model, outcome).inc()
 
     def _end(self, rid: str) -> None:
         r = self._requests[rid]
