@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.step_cost import init_random  # noqa: E402
 from worker.device import device_name  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 from worker.types import DoneEvent, EngineRequest, ErrorEvent, SamplingParams  # noqa: E402
@@ -81,28 +82,6 @@ def load_checkpoint(path: str, device: str):
     return model, tokenizer
 
 
-def _init_random(module, device: torch.device, generator: torch.Generator) -> None:
-    """Random weights in place: matrices N(0, 0.02), norm scales 1, biases 0, layer scalars 1."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=generator)
-            elif "scale" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for name, b in module.named_buffers():
-            if "layer_scalar" in name:
-                b.fill_(1.0)
-        for mod in module.modules():  # non-persistent buffers (rotary inv_freq, embed scale) that to_empty left empty
-            if mod.__class__.__name__.endswith("RotaryEmbedding"):
-                fresh = mod.__class__(mod.config, device=device)
-                for bn, bv in fresh.named_buffers():
-                    getattr(mod, bn).copy_(bv)
-            if hasattr(mod, "scalar_embed_scale"):
-                mod.embed_scale.fill_(mod.scalar_embed_scale)
-
-
 def _materialise_quantized(model, device: torch.device, generator: torch.Generator, kind: str) -> None:
     """Materialise a meta-device model one text layer at a time, quantizing each before the next exists, so peak
     memory stays at the quantized size. Encoder and decoder layers share their weights (as in the checkpoint)."""
@@ -114,11 +93,11 @@ def _materialise_quantized(model, device: torch.device, generator: torch.Generat
     decoder_layers, encoder_layers = model.model.decoder.layers, text.layers
     model.model.decoder.layers, text.layers = torch.nn.ModuleList(), torch.nn.ModuleList()
     model.to_empty(device=device)  # everything but the layers: embeddings, norms, vision stub
-    _init_random(model, device, generator)
+    init_random(model, device, generator)
     for dec, enc in tqdm(list(zip(decoder_layers, encoder_layers, strict=True)), desc=f"layers -> {kind}",
                          unit="layer"):
         dec.to_empty(device=device)
-        _init_random(dec, device, generator)
+        init_random(dec, device, generator)
         quantize_model(dec, kind, prefix="")
         for name, mod in dec.named_modules():  # the encoder layer uses the same (quantized) weights
             target = enc.get_submodule(name)
@@ -160,7 +139,7 @@ def build_realscale(scale: str, device: torch.device, quantization: str = "none"
     g = torch.Generator(device=device).manual_seed(0)
     if quantization == "none":
         model = model.to_empty(device=device)
-        _init_random(model, device, g)
+        init_random(model, device, g)
     else:
         _materialise_quantized(model, device, g, quantization)
     model.tie_weights()

@@ -253,25 +253,30 @@ def build(config: str, vocab: int, device: str | torch.device = "cpu"):
     table = model.model.decoder.embed_tokens.weight  # the checkpoint's ties, made by hand (tie_weights() wants
     model.lm_head.weight = table  # the encoder layers as modules of their own class; the runner reads weights only)
     model.model.encoder.language_model.embed_tokens.weight = table
-    g = torch.Generator(device=device).manual_seed(0)
+    init_random(model, torch.device(device), torch.Generator(device=device).manual_seed(0))
+    model.model.encoder.language_model.layers = model.model.decoder.layers
+    return model.eval()
+
+
+def init_random(module: torch.nn.Module, device: torch.device, generator: torch.Generator) -> None:
+    """Random weights in place, activations of realistic size throughout: matrices N(0, 0.02), norm weights and
+    scales 1, other vectors 0, layer scalars 1; the non-persistent buffers `to_empty` left empty (rotary tables,
+    embedding scales) rebuilt."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.02, generator=g)
+                p.normal_(0.0, 0.02, generator=generator)
             else:
                 p.fill_(1.0) if "scale" in name or "norm" in name else p.zero_()
-        for name, b in model.named_buffers():
+        for name, b in module.named_buffers():
             if "layer_scalar" in name:
                 b.fill_(1.0)
-        for mod in model.modules():  # non-persistent buffers that to_empty left empty
+        for mod in module.modules():
             if mod.__class__.__name__.endswith("RotaryEmbedding"):
-                fresh = mod.__class__(mod.config, device=device)
-                for bn, bv in fresh.named_buffers():
+                for bn, bv in mod.__class__(mod.config, device=device).named_buffers():
                     getattr(mod, bn).copy_(bv)
             if hasattr(mod, "scalar_embed_scale"):
                 mod.embed_scale.fill_(mod.scalar_embed_scale)
-    model.model.encoder.language_model.layers = model.model.decoder.layers
-    return model.eval()
 
 
 def fill_pool(keys: list[torch.Tensor], values: list[torch.Tensor], rows: int, g: torch.Generator) -> None:
