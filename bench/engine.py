@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.step_cost import init_random  # noqa: E402
+from protocol import contract  # noqa: E402
 from worker.device import device_name  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 from worker.types import DoneEvent, EngineRequest, ErrorEvent, SamplingParams  # noqa: E402
@@ -241,12 +242,7 @@ def engine_params(r: Request, defaults: dict, steps: int | None) -> SamplingPara
 
 
 def model_defaults(model) -> dict:
-    gc = model.generation_config
-    sc = getattr(gc, "sampler_config", None)
-    return {"max_denoising_steps": gc.max_denoising_steps or 48,
-            "entropy_bound": getattr(sc, "entropy_bound", None) or 0.1, "t_min": gc.t_min or 0.4,
-            "t_max": gc.t_max or 0.8, "stability_threshold": gc.stability_threshold if gc.stability_threshold
-            is not None else 1, "confidence_threshold": gc.confidence_threshold or 0.005}
+    return contract.sampling_defaults(model.generation_config)
 
 
 def run_engine(engine: Engine, reqs: list[Request], steps: int | None, name: str) -> RunResult:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
+from protocol import contract
 from protocol.sudoku import EXAMPLE_PUZZLE, canvas_cells, is_valid_solution
 from tests.procs import Service
 from worker.engine import Engine, EngineConfig
-from worker.types import EngineRequest, SamplingParams
+from worker.types import EngineRequest
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 # held-out qqwing puzzles (training/data/sudoku_eval.csv) that the committed model solves with seed 0
@@ -45,11 +46,9 @@ def test_the_sudoku_model_solves_fixed_puzzles_through_the_engine():
     puzzles = [p.replace(".", "0") for p in SOLVED]
     for i, p in enumerate(puzzles):
         template = {j: tok(ch, add_special_tokens=False).input_ids[0] for j, ch in enumerate(p) if ch != "0"}
-        engine.add(EngineRequest(f"p{i}", tok(p).input_ids, SamplingParams(
-            max_new_tokens=81, max_denoising_steps=gc.max_denoising_steps,
-            entropy_bound=gc.sampler_config.entropy_bound,
-            t_min=gc.t_min, t_max=gc.t_max, stability_threshold=gc.stability_threshold,
-            confidence_threshold=gc.confidence_threshold, seed=0), template=template))
+        engine.add(EngineRequest(f"p{i}", tok(p).input_ids,
+                                 contract.default_sampling(gc, seed=0, max_new_tokens=81, eos_token_ids=()),
+                                 template=template))
     done = engine.complete()
     for i, p in enumerate(puzzles):
         ev = done[f"p{i}"]

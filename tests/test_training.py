@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from protocol.sudoku import is_valid_solution
 from training import data as D
 from training import sudoku_bank as SB
 from training.checkpoints import BOS_ID, EOS_ID, EOT_ID, PAD_ID, SOT_ID, train_tokenizer
@@ -132,7 +133,7 @@ def test_bank_puzzles_have_exactly_one_solution(bank):
     for i in _sample_indices(len(bank), 40):
         puzzle, solution = bank.puzzles[i].tolist(), bank.solutions[i].tolist()
         _check_grid_rules(solution)
-        assert D.consistent(puzzle, solution)
+        assert is_valid_solution(puzzle, solution)
         assert exact_cover_count(puzzle, limit=2) == 1, i
         assert 17 <= sum(1 for d in puzzle if d) <= 35
 
@@ -148,7 +149,7 @@ def test_training_puzzles_have_exactly_one_solution(bank):
     assert (batch.fixed == (batch.puzzle != 0)).all()
     for puzzle, solution in zip(batch.puzzle.tolist(), batch.solution.tolist(), strict=True):
         _check_grid_rules(solution)
-        assert D.consistent(puzzle, solution)
+        assert is_valid_solution(puzzle, solution)
         assert exact_cover_count(puzzle, limit=2) == 1
 
 
@@ -181,7 +182,7 @@ def test_generator_makes_minimal_unique_puzzles():
     assert (SB.generate(4, seed=11)[0] == puzzles).all()  # deterministic in the seed
     for p, s in zip(puzzles.tolist(), solutions.tolist(), strict=True):
         _check_grid_rules(s)
-        assert D.consistent(p, s)
+        assert is_valid_solution(p, s)
         assert exact_cover_count(p) == 1 and SB.count_solutions(np.array(p)) == 1
         given = next(i for i, d in enumerate(p) if d)
         fewer = list(p)
@@ -233,7 +234,7 @@ def test_bundled_qqwing_eval_set():
     assert len(ev) >= 200
     assert set(ev.difficulty) == set(D.QQWING_DIFFICULTIES)
     for p, s in zip(ev.puzzles, ev.solutions, strict=True):
-        assert D.is_valid_solution(s) and D.consistent(p, s)
+        assert is_valid_solution(p, s)
         assert 17 <= sum(1 for x in p if x) <= 45
     sub = ev.subset(8)
     assert len(sub) == 8 and set(sub.difficulty) == set(D.QQWING_DIFFICULTIES)
@@ -244,7 +245,7 @@ def test_qqwing_generator():
     pairs = D.qqwing_puzzles(2, "simple")
     assert len(pairs) == 2
     for p, s in pairs:
-        assert D.is_valid_solution(D.parse_grid(s)) and D.consistent(D.parse_grid(p), D.parse_grid(s))
+        assert is_valid_solution(D.parse_grid(p), D.parse_grid(s))
 
 
 # ------------------------------------------------------------------------------------------- corruption

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from protocol.sudoku import is_valid_solution
 from training.checkpoints import BOS_ID, EOS_ID, EOT_ID, PAD_ID, char_tokenizer
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -57,21 +58,6 @@ def sudoku_tokenizer():
     assert tok.convert_tokens_to_ids("0") == DIGIT0_ID and tok.convert_tokens_to_ids(".") == DOT_ID
     assert len(tok) == SUDOKU_VOCAB
     return tok
-
-
-def is_valid_solution(grid: Sequence[int] | np.ndarray | torch.Tensor) -> bool:
-    """81 digits 1..9 with every row, column and 3x3 box a permutation of 1..9."""
-    g = np.asarray(grid.tolist() if isinstance(grid, torch.Tensor) else grid, dtype=np.int64).reshape(9, 9)
-    target = set(range(1, 10))
-    rows = all(set(r) == target for r in g)
-    cols = all(set(c) == target for c in g.T)
-    boxes = all(set(g[r:r + 3, c:c + 3].ravel()) == target for r in (0, 3, 6) for c in (0, 3, 6))
-    return rows and cols and boxes
-
-
-def consistent(puzzle: Sequence[int], solution: Sequence[int]) -> bool:
-    """Every given (non-zero) cell of `puzzle` equals `solution`."""
-    return all(p == 0 or p == s for p, s in zip(puzzle, solution, strict=True))
 
 
 def _random_perms(batch: int, n: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -236,7 +222,7 @@ def write_sudoku_eval_set(path: str | Path, per_difficulty: int = 64,
     for diff in difficulties:
         for puzzle, solution in qqwing_puzzles(per_difficulty, diff):
             p, s = parse_grid(puzzle), parse_grid(solution)
-            assert is_valid_solution(s) and consistent(p, s)
+            assert is_valid_solution(p, s)
             lines.append(f"{diff},{puzzle},{solution}")
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.data import SudokuBatch, SudokuEvalSet, batch_from_puzzles, consistent, digits_from_ids, is_valid_solution
+from protocol.sudoku import is_valid_solution
+from training.data import SudokuBatch, SudokuEvalSet, batch_from_puzzles, digits_from_ids
 from training.model import decode, diffusion_loss, encode
 from worker.sampler import entropy_bound_accept
 
@@ -132,8 +133,7 @@ def evaluate_sudoku(model, eval_set: SudokuEvalSet, device, settings: SamplerSet
             out = sample_canvas(model, batch.prompt, settings, generator, fixed=batch.fixed, fixed_ids=batch.canvas)
             digits = digits_from_ids(out["canvas"]).tolist()
             for j, i in enumerate(idx):
-                ok = is_valid_solution(digits[j]) if all(digits[j]) else False
-                ok = ok and consistent(eval_set.puzzles[i], digits[j])
+                ok = is_valid_solution(eval_set.puzzles[i], digits[j])
                 totals[eval_set.difficulty[i]].append(float(ok))
             steps.extend(out["steps"].tolist())
             stopped.extend(out["stopped"].tolist())

@@ -9,8 +9,8 @@ it is shown with a heartbeat and paid once per process. If compilation fails the
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import platform
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from protocol import contract
 from training.config import TrainConfig, apply_defaults
 from training.evaluate import SamplerSettings
 from training.model import (
@@ -35,23 +36,18 @@ from training.model import (
 )
 from training.split_layers import compile_split_layers, use_split_layers
 from training.tasks import SudokuTask, Task, TextTask
+from worker.device import device_name, resolve_device
 
 # dense bf16 tensor-core peaks (FLOP/s) of the cards we may be lent, for the share of the card a run uses
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "RTX 5090": 209e12}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+def training_device(name: str) -> torch.device:
+    """The worker's device rule, refusing a GPU that is not there before anything is built."""
+    device = resolve_device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -130,16 +126,13 @@ def init_weights(model, task: Task, cfg: TrainConfig, log) -> dict:
                  "device": previous.get("device"), "git": previous.get("versions", {}).get("git")}
     log(f"{task.name}: initialised from {cfg.init} (trained {init_from['steps']} steps before)")
     if isinstance(task, SudokuTask) and not cfg.smoke:
-        gc = source.generation_config
-        task.settings = SamplerSettings(
-            max_denoising_steps=gc.max_denoising_steps, t_min=gc.t_min, t_max=gc.t_max,
-            entropy_bound=gc.sampler_config.entropy_bound, stability_threshold=gc.stability_threshold,
-            confidence_threshold=gc.confidence_threshold)
+        defaults = contract.sampling_defaults(source.generation_config)
+        task.settings = SamplerSettings(**{f.name: defaults[f.name] for f in dataclasses.fields(SamplerSettings)})
     return init_from
 
 
 def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
-    device = resolve_device(cfg.device)
+    device = training_device(cfg.device)
     cfg = apply_defaults(cfg, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
