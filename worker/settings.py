@@ -32,7 +32,8 @@ class WorkerSettings(BaseSettings):
     model_path: str = "models/text"  # a local directory or a Hugging Face model id
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
-    # weight-only, through torchao (worker/quantize.py): int4 for 24 GB cards (CUDA), int8 (CPU or CUDA), fp8 (CUDA)
+    # worker/quantize.py: int4 for 24 GB cards (CUDA) and int8 (CPU or CUDA), weight-only through torchao; fp8 ours
+    # (worker/fp8.py: block-scaled e4m3 through the fused GEMMs on sm90, the reference ops elsewhere)
     quantization: Literal["none", "int4", "int8", "fp8"] = "none"
     # the sampler's kernels (worker.engine.EngineConfig.sampler): exact (the reference's tokens for a seed), fast,
     # fused (Triton, CUDA), auto (fused on CUDA with Triton, fast elsewhere)
