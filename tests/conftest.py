@@ -1,8 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under its interpreter. The mode is fixed when a kernel or helper is defined, so it
+# is decided once for the session, before any module imports triton: a kernel defined in interpreter mode cannot call
+# a helper defined before the mode was on (the Triton modules share helpers). An explicit TRITON_INTERPRET=0 on a GPU
+# machine wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.procs import Service
 
