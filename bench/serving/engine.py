@@ -149,10 +149,8 @@ class EngineMode:
 
         for c in list(queues):
             send(c, t0)
-        while engine.has_work():
-            started = time.perf_counter()
-            n_rows = engine.active + len(engine.pending)
-            events = engine.step()
+        started, n_rows = time.perf_counter(), engine.active + len(engine.pending)
+        for events in engine.generate():  # clients send their next request as one ends: generate() sees them
             now = time.perf_counter()
             if publisher is not None and events:
                 publisher.put(events)
@@ -165,6 +163,7 @@ class EngineMode:
                     del open_[ev.request_id]
                     progress(rec)
                     send(rec.client, now)
+            started, n_rows = time.perf_counter(), engine.active + len(engine.pending)
         wall = time.perf_counter() - t0
         if record_steps:
             self.thread_cpu_s += time.thread_time() - cpu0
