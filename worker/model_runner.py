@@ -183,10 +183,10 @@ class ModelRunner:
         ops, pool, N = self.ops, self.pool, h.shape[0]
         for i, lw in enumerate(layers):
             last = i == len(layers) - 1
-            q = ops.qk_norm_rope_store(  # fp8.linear etc.: F.linear / the op, or their fp8 twins for Fp8Weights
+            # fp8.linear etc.: F.linear or the op, or their fp8 twins for Fp8Weights
+            q = ops.qk_norm_rope_store(
                 fp8.linear(ops, x, lw.q), fp8.linear(ops, x, lw.k), None if lw.v is None else fp8.linear(ops, x, lw.v),
-                lw.q_norm,
-                lw.k_norm, block.positions, rope.inv_freq[lw.kind], rope.scale[lw.kind], pool.keys[i],
+                lw.q_norm, lw.k_norm, block.positions, rope.inv_freq[lw.kind], rope.scale[lw.kind], pool.keys[i],
                 pool.values[i], block.slots, block.start[lw.kind], self.eps)  # (B, L, Hq, D)
             if causal and last:
                 return x
