@@ -43,7 +43,6 @@ class LayerWeights:
     """One text layer's tensors, as loaded (no copies)."""
 
     kind: str
-    head_dim: int
     input_norm: torch.Tensor
     q: torch.Tensor | Fp8Weight  # the projections and experts: Fp8Weight under DG_QUANTIZATION=fp8
     k: torch.Tensor | Fp8Weight
@@ -71,7 +70,7 @@ class LayerWeights:
     def of(cls, layer, kind: str) -> LayerWeights:
         attn, w = layer.self_attn, fp8.weight_of
         return cls(
-            kind=kind, head_dim=attn.head_dim, input_norm=layer.input_layernorm.weight,
+            kind=kind, input_norm=layer.input_layernorm.weight,
             q=w(attn.q_proj), k=w(attn.k_proj), v=w(attn.v_proj) if attn.v_proj is not None else None,
             q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight, o=w(attn.o_proj),
             post_attn_norm=layer.post_attention_layernorm.weight, pre_ff_norm=layer.pre_feedforward_layernorm.weight,
@@ -129,7 +128,6 @@ class ModelRunner:
         self.text_config = model.config.get_text_config(decoder=True)
         self.canvas_length: int = model.config.canvas_length
         self.hidden_size: int = self.text_config.hidden_size
-        self.vocab_size: int = self.text_config.vocab_size
         self.device = next(model.parameters()).device
         self.dtype = model.model.decoder.embed_tokens.weight.dtype
         self.eps: float = self.text_config.rms_norm_eps

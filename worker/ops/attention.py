@@ -41,8 +41,8 @@ def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slots
     width = int(kv_len.max()) if B else 0
     if width == 0:
         return torch.zeros_like(q)
-    keys = k_pool.index_select(0, slots)[:, :, :width].to(q.dtype)  # (B, Hkv, width, D)
-    values = v_pool.index_select(0, slots)[:, :, :width].to(q.dtype)
+    keys = k_pool[:, :, :width].index_select(0, slots).to(q.dtype)  # (B, Hkv, width, D): only what is attended
+    values = v_pool[:, :, :width].index_select(0, slots).to(q.dtype)
     mask = allowed_keys(L, kv_len, q_start, width, causal, window)  # (B, L, width)
     full = not causal and bool((kv_len == width).all())  # the decoder with rows of one length: no mask at all
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=None if full else mask[:, None],
