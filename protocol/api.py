@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from protocol.contract import Usage
-from protocol.sudoku import normalize_puzzle, problems
+from protocol.contract import Done, Usage
+from protocol.sudoku import canvas_cells, is_valid_solution, normalize_puzzle, problems
 
 
 class _Body(BaseModel):
@@ -115,6 +115,17 @@ class SudokuResponse(_Answer):
     attempt: int
     steps: int
     total_steps: int
+
+    @classmethod
+    def judge(cls, puzzle: str, final: Done, attempts: int = 1, attempt: int = 0) -> SudokuResponse:
+        """The answer for one attempt's final event: its canvas read as a grid and checked against the rules.
+        `total_steps` is this attempt's own steps (the gateway counts in those of the other attempts)."""
+        solution = canvas_cells(puzzle, final.text, final.token_ids)
+        valid = is_valid_solution(puzzle, solution)
+        steps = final.usage.denoising_steps
+        return cls(request_id=final.request_id, puzzle=puzzle, solution=solution, valid=valid,
+                   problems=[] if valid else problems(puzzle, solution, limit=20), attempts=attempts,
+                   attempt=attempt, steps=steps, total_steps=steps)
 
 
 # ------------------------------------------------------------------ WebSocket messages, client -> gateway

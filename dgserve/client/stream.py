@@ -18,7 +18,7 @@ from dgserve.client.errors import DgError, RequestTimeout, error_from_http, retr
 from dgserve.client.state import Event, StreamState
 from protocol.api import SudokuResponse
 from protocol.contract import Canvas, Done, Step
-from protocol.sudoku import canvas_cells, draft_grid, is_valid_solution, problems
+from protocol.sudoku import draft_grid
 
 if TYPE_CHECKING:
     from dgserve.client.aio import AsyncClient
@@ -173,14 +173,6 @@ class AsyncSudokuStream(AsyncStream):
 
     @property
     def sudoku_result(self) -> SudokuResponse | None:
-        """The verdict (checked here with `is_valid_solution`) once the request is done: POST /sudoku's answer
+        """The verdict (checked here, as the gateway checks it) once the request is done: POST /sudoku's answer
         for this one attempt."""
-        if self.result is None or self.queued is None:
-            return None
-        solution = canvas_cells(self.puzzle, self.result.text, self.result.token_ids)
-        valid = is_valid_solution(self.puzzle, solution)
-        steps = self.result.usage.denoising_steps
-        return SudokuResponse(request_id=self.queued.request_id, puzzle=self.puzzle,
-                              solution=solution, valid=valid,
-                              problems=[] if valid else problems(self.puzzle, solution, limit=20), attempts=1,
-                              attempt=0, steps=steps, total_steps=steps)
+        return None if self.result is None else SudokuResponse.judge(self.puzzle, self.result)

@@ -15,7 +15,6 @@ from fastapi.concurrency import run_in_threadpool
 
 from protocol import contract
 from protocol.api import DiffusionFields, GenerateRequest, SudokuRequest, SudokuResponse
-from protocol.sudoku import canvas_cells, is_valid_solution, problems
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.follow import Disconnected, Follower, error_response
 from service.jobs import attempt_seed, build_job
@@ -35,12 +34,6 @@ def sudoku_jobs(gateway: Gateway, body: SudokuRequest) -> list[contract.Job]:
     return jobs
 
 
-def verdict(puzzle: str, final: contract.Done) -> tuple[str, bool, list[str]]:
-    solution = canvas_cells(puzzle, final.text, final.token_ids)
-    valid = is_valid_solution(puzzle, solution)
-    return solution, valid, [] if valid else problems(puzzle, solution, limit=20)
-
-
 async def solve(follower: Follower, body: SudokuRequest, rids: list[str], disconnected: Disconnected
                 ) -> SudokuResponse | contract.Error:
     """Wait for the attempts; the first valid solution wins and cancels the rest (else the one with the
@@ -50,7 +43,7 @@ async def solve(follower: Follower, body: SudokuRequest, rids: list[str], discon
         return i, await follower.final(rid, disconnected)
 
     tasks = [asyncio.create_task(attempt(i, rid)) for i, rid in enumerate(rids)]
-    best: tuple[int, int, contract.Done] | None = None  # (problems, attempt, final)
+    best: SudokuResponse | None = None
     total_steps, error = 0, None
     try:
         for next_done in asyncio.as_completed(tasks):
@@ -59,10 +52,10 @@ async def solve(follower: Follower, body: SudokuRequest, rids: list[str], discon
                 error = error or final
                 continue
             total_steps += final.usage.denoising_steps
-            _, valid, found = verdict(body.puzzle, final)
-            if best is None or len(found) < best[0]:
-                best = (len(found), i, final)
-            if valid:
+            judged = SudokuResponse.judge(body.puzzle, final, body.attempts, i)
+            if best is None or len(judged.problems) < len(best.problems):
+                best = judged
+            if judged.valid:
                 break
     finally:
         for task, rid in zip(tasks, rids, strict=True):
@@ -72,11 +65,7 @@ async def solve(follower: Follower, body: SudokuRequest, rids: list[str], discon
     if best is None:
         assert error is not None
         return error
-    _, i, final = best
-    solution, valid, found = verdict(body.puzzle, final)
-    return SudokuResponse(request_id=final.request_id, puzzle=body.puzzle, solution=solution, valid=valid,
-                          problems=found, attempts=body.attempts, attempt=i,
-                          steps=final.usage.denoising_steps, total_steps=total_steps)
+    return best.model_copy(update={"total_steps": total_steps})
 
 
 @router.post("/sudoku", response_model=SudokuResponse,
