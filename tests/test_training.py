@@ -494,6 +494,40 @@ def test_safe_mode_follows_the_same_trajectory(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+@pytest.mark.parametrize("caller", ["train", "throughput"])
+def test_a_step_out_of_memory_halves_the_batch_and_goes_on(caller, tmp_path, monkeypatch):
+    """Both the training loop and the throughput measurement halve the batch after an out-of-memory first step
+    and go on; at 16 or fewer examples they give up with the error."""
+    from training import throughput, train
+    from training.config import TrainConfig
+
+    module = train if caller == "train" else throughput
+    real, sizes = module.first_step, []
+
+    def out_of_memory_once(run, *args):
+        sizes.append(run.cfg.batch_size)
+        if len(sizes) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(run, *args)
+
+    monkeypatch.setattr(module, "first_step", out_of_memory_once)
+    logs: list[str] = []
+
+    def go(batch_size: int) -> int:
+        cfg = TrainConfig(task="sudoku", out=str(tmp_path / str(batch_size)), smoke=True, device="cpu",
+                          preset="smoke", max_steps=2, batch_size=batch_size)
+        if caller == "train":
+            return train.train(cfg, log=logs.append)["config"]["batch_size"]
+        return throughput.measure(cfg, steps=1, warmup=1, log=logs.append)["batch_size"]
+
+    assert go(32) == 16 and sizes == [32, 16]
+    assert any("out of memory" in line and "batch size halved to 16" in line for line in logs)
+    sizes.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        go(16)
+    assert sizes == [16]
+
+
 def test_the_gpu_script_runs_on_the_cpu_with_a_tiny_config(smoke_models, tmp_path):
     """training/gpu_train.sh end to end as the GPU call runs it (both models side by side, continued from the
     given checkpoints, the text canvas set, packed), on the CPU in smoke mode: seconds, not minutes."""

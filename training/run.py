@@ -211,6 +211,19 @@ def first_step(run: Run, batch: dict, lr: float, log: Callable[[str], None]) -> 
     return out
 
 
+def halve_batch(run: Run, log: Callable[[str], None], where: str = "") -> bool:
+    """After a step ran out of memory: drop its gradients and the allocator's cached blocks, halve the batch size.
+    False (nothing changed) when the batch is 16 or smaller already: the caller re-raises."""
+    if run.cfg.batch_size <= 16:
+        return False
+    run.opt.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
+    run.cfg.batch_size //= 2
+    log(f"WARNING: out of memory{where}; batch size halved to {run.cfg.batch_size}")
+    return True
+
+
 def count_flops_per_example(run: Run, n: int = 2) -> float | None:
     """FLOPs of one training example (forward, self-conditioning pass, backward) counted by torch's
     FlopCounterMode on `n` examples, eagerly, gradients thrown away. Matrix products and attention only."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from training.config import TrainConfig
-from training.run import build_run, device_name, first_step, peak_flops, train_step
+from training.run import build_run, device_name, first_step, halve_batch, peak_flops, train_step
 
 GOAL_EXAMPLES_PER_S = 40_000  # the sudoku model on one H200 (issue 17)
 
@@ -33,12 +33,8 @@ def _first_step_that_fits(run, lr: float, log) -> None:
             first_step(run, run.task.batch(0), lr, log)
             return
         except torch.OutOfMemoryError:
-            if run.cfg.batch_size <= 16:
+            if not halve_batch(run, log):
                 raise
-            run.opt.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            run.cfg.batch_size //= 2
-            log(f"WARNING: out of memory; batch size halved to {run.cfg.batch_size}")
 
 
 def measure(cfg: TrainConfig, steps: int, warmup: int, log=print) -> dict:

@@ -26,7 +26,7 @@ import torch
 from training.checkpoints import save_checkpoint
 from training.config import TrainConfig
 from training.model import param_count
-from training.run import Heartbeat, build_run, device_name, first_step, peak_flops, train_step
+from training.run import Heartbeat, build_run, device_name, first_step, halve_batch, peak_flops, train_step
 from training.tasks import Task
 
 __all__ = ["TrainConfig", "train"]
@@ -172,14 +172,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             batch = task.batch(step)
             out_step = train_step(run, batch, lr) if step else first_step(run, batch, lr, log)
         except torch.OutOfMemoryError:
-            if cfg.batch_size <= 16:
-                raise
             batch = out_step = None
-            run.opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            cfg.batch_size //= 2
-            log(f"WARNING: out of memory at step {step}; batch size halved to {cfg.batch_size}")
+            if not halve_batch(run, log, f" at step {step}"):
+                raise
             continue
         loss_sum += torch.stack([out_step.loss.detach(), out_step.noised_loss, out_step.noised_acc.float()])
         loss_n += 1
