@@ -106,12 +106,15 @@ class Run:
     task: Task
     model: Any
     opt: torch.optim.AdamW
-    autocast: Callable
+    bf16: bool  # bf16 autocast: on CUDA unless --safe
     loss_gen: torch.Generator
     save_dtype: torch.dtype
     init_from: dict | None
     flops_per_example: float | None = None
     compile_seconds: float | None = None
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
 
 def init_weights(model, task: Task, cfg: TrainConfig, log) -> dict:
@@ -151,13 +154,12 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
         f"({param_bytes(model, save_dtype) / 1e6:.1f} MB as {str(save_dtype).removeprefix('torch.')}), "
         f"device {device_name(device)}, batch {cfg.batch_size}, lr {cfg.lr}, "
         f"{'compiled layers' if cfg.compile else 'eager'}" + (" [safe mode]" if cfg.safe else ""))
-    use_bf16 = device.type == "cuda" and not cfg.safe
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
-    if isinstance(task, TextTask):
-        task.autocast = autocast
     loss_gen = torch.Generator(device=device)
     loss_gen.manual_seed(cfg.seed + 11)
-    run = Run(cfg, device, task, model, make_optimizer(model, cfg, device), autocast, loss_gen, save_dtype, init_from)
+    bf16 = device.type == "cuda" and not cfg.safe
+    run = Run(cfg, device, task, model, make_optimizer(model, cfg, device), bf16, loss_gen, save_dtype, init_from)
+    if isinstance(task, TextTask):
+        task.autocast = run.autocast
     run.flops_per_example = count_flops_per_example(run)
     if cfg.compile:
         if cfg.safe:

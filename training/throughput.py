@@ -57,7 +57,7 @@ def measure(cfg: TrainConfig, steps: int, warmup: int, log=print) -> dict:
     return {
         "task": run.task.name, "preset": run.cfg.preset, "device": device_name(device),
         "batch_size": run.cfg.batch_size,
-        "compiled": bool(run.cfg.compile), "bf16_autocast": device.type == "cuda" and not run.cfg.safe,
+        "compiled": bool(run.cfg.compile), "bf16_autocast": run.bf16,
         "threads": torch.get_num_threads(), "load_average_1m": round(os.getloadavg()[0], 2),
         "warmup_steps": warmup, "warmup_seconds": round(warm_s, 2), "compile_seconds": run.compile_seconds,
         "timed_steps": steps, "seconds": round(seconds, 3), "examples_per_s": round(rate, 2),

@@ -133,7 +133,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         return {"examples_per_s": rate, "batch_size": cfg.batch_size, "flops_per_example": fpe, "tflops": tflops,
                 "card_share": round(tflops * 1e12 / peak, 4) if tflops and peak else None,
                 "card_peak_bf16_tflops": peak / 1e12 if peak else None, "compiled": bool(cfg.compile),
-                "compile_seconds": run.compile_seconds, "bf16_autocast": device.type == "cuda" and not cfg.safe}
+                "compile_seconds": run.compile_seconds, "bf16_autocast": run.bf16}
 
     def summary(final: bool) -> dict:
         now = time.time()
