@@ -5,6 +5,7 @@
     dot             a float32-accumulating tl.dot that the CPU interpreter computes correctly for bf16
     gelu_tanh       GELU-tanh without cancellation
     grouped_tile    program -> (m block, n tile), grouped so that weight tiles are served from L2
+    load_k          a GEMM operand tile, zero past the end of K, unmasked where K divides into whole blocks
     interpreting    whether kernels run under TRITON_INTERPRET=1 (the UPCAST flag of `dot`)
     round_e4m3, quantize_e4m3_rows, scaled_dot: the block-scaled fp8 GEMMs' pieces (worker/fp8.py)
     dtype_mode, rows, pow2: launcher-side helpers
@@ -91,6 +92,18 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     first_m = (pid // per_group) * GROUP_M
     size = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def load_k(ptrs, k_in, EVEN_K: tl.constexpr):
+    """The tile at ptrs, zero where k_in (its K positions still inside K) is False. EVEN_K (K a multiple of
+    BLOCK_K): no mask, so that loads along a contiguous K dim stay 16-byte vectors (k_in is then unused, and dropped
+    by the compiler)."""
+    if EVEN_K:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=k_in, other=0.0)
+    return tile
 
 
 # ------------------------------------------------------------------------------------- fp8 (worker/fp8.py)

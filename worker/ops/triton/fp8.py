@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from worker.ops.triton import mlp, moe
-from worker.ops.triton.common import dtype_mode, gemm_step, grouped_tile, interpreting, round_to, rows
+from worker.ops.triton.common import dtype_mode, gemm_step, grouped_tile, interpreting, load_k, round_to, rows
 
 SCALE_BLOCK = 128  # worker.fp8.BLOCK: K advances one scale block a step
 
@@ -66,13 +66,9 @@ def _linear_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, NOUT, K, s_x, s_w, s_s,
     s_ptrs = s_ptr + (cols // 128) * s_s  # (BLOCK_N,) each column's row of block scales
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_in = offs_k < K - k0
-            x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+        k_in = offs_k < K - k0
+        x = load_k(x_ptrs, k_in[None, :], EVEN_K)
+        w = load_k(w_ptrs, k_in[:, None], EVEN_K)
         acc = gemm_step(x, w, acc, s_ptrs, k0 // BLOCK_K, True, UPCAST)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K

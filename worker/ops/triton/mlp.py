@@ -17,7 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.ops.triton.common import dtype_mode, gate_up_step, gelu_tanh, grouped_tile, interpreting, round_to, rows
+from worker.ops.triton.common import (
+    dtype_mode,
+    gate_up_step,
+    gelu_tanh,
+    grouped_tile,
+    interpreting,
+    load_k,
+    round_to,
+    rows,
+)
 
 
 class Blocks(NamedTuple):
@@ -62,15 +71,10 @@ def _gate_up_gelu_kernel(x_ptr, wg_ptr, wu_ptr, out_ptr, sg_ptr, su_ptr, N, INTE
     gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        if EVEN_K:  # no mask along the contiguous dim: 16-byte loads
-            x = tl.load(x_ptrs)
-            wg = tl.load(wg_ptrs)
-            wu = tl.load(wu_ptrs)
-        else:
-            k_in = offs_k < H - k0
-            x = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=k_in[:, None], other=0.0)
-            wu = tl.load(wu_ptrs, mask=k_in[:, None], other=0.0)
+        k_in = offs_k < H - k0
+        x = load_k(x_ptrs, k_in[None, :], EVEN_K)
+        wg = load_k(wg_ptrs, k_in[:, None], EVEN_K)
+        wu = load_k(wu_ptrs, k_in[:, None], EVEN_K)
         gate, up = gate_up_step(x, wg, wu, gate, up, sg_ptrs, su_ptrs, k0 // BLOCK_K, FP8, UPCAST)
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
