@@ -494,6 +494,17 @@ def test_safe_mode_follows_the_same_trajectory(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+def test_compile_with_safe_is_refused_before_anything_is_built():
+    from training.config import TrainConfig
+    from training.run import build_run
+
+    logs: list[str] = []
+    with pytest.raises(SystemExit, match="drop --safe"):
+        build_run(TrainConfig(task="sudoku", out="/nonexistent", smoke=True, device="cpu", compile=True, safe=True),
+                  logs.append)
+    assert logs == []  # no bank loaded, no model built
+
+
 @pytest.mark.parametrize("caller", ["train", "throughput"])
 def test_a_step_out_of_memory_halves_the_batch_and_goes_on(caller, tmp_path, monkeypatch):
     """Both the training loop and the throughput measurement halve the batch after an out-of-memory first step

@@ -137,6 +137,8 @@ def init_weights(model, task: Task, cfg: TrainConfig, log) -> dict:
 def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
     device = training_device(cfg.device)
     cfg = apply_defaults(cfg, device)
+    if cfg.compile and cfg.safe:  # before minutes of data and model building, not after
+        raise SystemExit("--compile needs the fast layers: drop --safe")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -162,8 +164,6 @@ def build_run(cfg: TrainConfig, log: Callable[[str], None]) -> Run:
         task.autocast = run.autocast
     run.flops_per_example = count_flops_per_example(run)
     if cfg.compile:
-        if cfg.safe:
-            raise SystemExit("--compile needs the fast layers: drop --safe")
         compile_split_layers(model)
     return run
 
