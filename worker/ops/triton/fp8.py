@@ -20,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.fp8 import BLOCK as SCALE_BLOCK  # K advances one scale block a step
 from worker.ops.triton import mlp, moe
 from worker.ops.triton.common import dtype_mode, gemm_step, grouped_tile, interpreting, load_k, round_to, rows
-
-SCALE_BLOCK = 128  # worker.fp8.BLOCK: K advances one scale block a step
 
 # Tiles per shape class for sm90 (fixed: no autotuning at start-up), K 128 deep. The A tile stays in the model
 # dtype in shared memory (it is quantized in registers, kept bf16 there: half the registers of float32), B is float8.

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.fp8 import BLOCK as SCALE_BLOCK
 from worker.ops.triton.common import (
     dtype_mode,
     gate_up_step,
@@ -97,7 +98,8 @@ def launch(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, blocks: Bl
     if N == 0 or inter == 0:
         return out
     if scales is not None:
-        assert blocks.k == 128, f"fp8 weights are scaled per 128 channels: BLOCK_K must be 128, not {blocks.k}"
+        assert blocks.k == SCALE_BLOCK, (
+            f"fp8 weights are scaled per {SCALE_BLOCK} channels: BLOCK_K must be {SCALE_BLOCK}, not {blocks.k}")
     sg, su = (s.contiguous() for s in scales) if scales is not None else (x, x)  # unread without FP8
     grid = (triton.cdiv(N, blocks.m) * triton.cdiv(inter, blocks.n),)
     _gate_up_gelu_kernel[grid](x, w_gate, w_up, out, sg, su, N, inter, H, x.stride(0), w_gate.stride(0),

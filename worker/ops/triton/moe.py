@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.fp8 import BLOCK as SCALE_BLOCK
 from worker.ops.moe import padded_size
 from worker.ops.triton.common import (
     dot,
@@ -347,7 +348,7 @@ def down_config(block: int, hidden: int, inter: int, dtype: torch.dtype, fp8: bo
 def _gemm_config(block: int, n: int, k: int, block_n: int, dtype: torch.dtype, fp8: bool) -> dict:
     """Tiles of a grouped GEMM with n output columns and depth k, clamped for small shapes (tests); fp8 walks k
     128 deep, one scale block a step."""
-    block_k = 128 if fp8 else pow2(k, lo=16, hi=64)
+    block_k = SCALE_BLOCK if fp8 else pow2(k, lo=16, hi=64)
     return dict(BLOCK_M=block, BLOCK_N=pow2(n, lo=16, hi=block_n), BLOCK_K=block_k, GROUP_M=8,
                 EVEN_K=k % block_k == 0, ROUND_BF16=dtype == torch.bfloat16, FP8=fp8, UPCAST=interpreting(),
                 num_warps=4, num_stages=3)
