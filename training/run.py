@@ -70,10 +70,6 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
 
 # ------------------------------------------------------------------------------------------- compilation
 
-def uncompile_layers(model) -> None:
-    use_split_layers(model)
-
-
 class Heartbeat:
     """While the body runs, log `what` with the seconds elapsed every `every` seconds (compilation progress)."""
 
@@ -205,7 +201,7 @@ def first_step(run: Run, batch: dict, lr: float, log: Callable[[str], None]) -> 
         log(f"WARNING: compiling failed after {time.time() - beat.started:.0f}s ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training eagerly")
         run.opt.zero_grad(set_to_none=True)
-        uncompile_layers(run.model)
+        use_split_layers(run.model)  # the plain (eager) halves again
         run.cfg.compile = False
         return train_step(run, batch, lr)
     run.compile_seconds = round(beat.seconds, 1)
