@@ -82,6 +82,12 @@ class GenerateResponse(_Answer):
     finish_reason: Literal["stop", "length", "stop_string"]
     usage: Usage
 
+    @classmethod
+    def of(cls, final: Done, model: str) -> GenerateResponse:
+        """The answer for a request's final `Done` event."""
+        return cls(request_id=final.request_id, model=model, text=final.text, token_ids=final.token_ids,
+                   finish_reason=final.finish_reason, usage=final.usage)
+
 
 class SudokuRequest(DiffusionFields):
     """POST /sudoku, and a WebSocket `sudoku` message."""

@@ -64,9 +64,7 @@ class StreamState:
         """The final answer in the shape of `generate`'s, once done."""
         if self.result is None or self.queued is None:
             return None
-        r = self.result
-        return GenerateResponse(request_id=r.request_id, model=self.queued.model, text=r.text, token_ids=r.token_ids,
-                                finish_reason=r.finish_reason, usage=r.usage)
+        return GenerateResponse.of(self.result, self.queued.model)
 
     def final(self) -> Done:
         """The final `Done`, or the RequestFailed of a request that ended with an error."""

@@ -48,5 +48,4 @@ async def generate(
         final = await follower.final(rid, request.is_disconnected)
     if final.type == "error":
         return error_response(final)
-    return GenerateResponse(request_id=rid, model=job.model, text=final.text, token_ids=final.token_ids,
-                            finish_reason=final.finish_reason, usage=final.usage)
+    return GenerateResponse.of(final, job.model)
