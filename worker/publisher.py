@@ -54,8 +54,8 @@ class Deliveries:
     """The requests this runner holds, by id, from their take to their final event (shared by its threads)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # also orders a cancel against the job's handover to the engine
-        self.room = threading.Condition()  # notified when a request leaves
+        # also orders a cancel against the job's handover to the engine; notified when a request leaves
+        self._lock = threading.Condition()
         self._held: dict[str, Delivery] = {}
 
     def __len__(self) -> int:
@@ -101,19 +101,17 @@ class Deliveries:
     def release(self, request_id: str) -> None:
         with self._lock:
             self._held.pop(request_id, None)
-        with self.room:
-            self.room.notify_all()
+            self._lock.notify_all()
 
     def release_all(self) -> list[Delivery]:
         with self._lock:
             held, self._held = list(self._held.values()), {}
-        with self.room:
-            self.room.notify_all()
+            self._lock.notify_all()
         return held
 
     def wait_for_room(self, timeout: float) -> None:
-        with self.room:
-            self.room.wait(timeout)
+        with self._lock:
+            self._lock.wait(timeout)
 
 
 Batch = list[tuple[BaseModel, Delivery]]
