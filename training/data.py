@@ -85,14 +85,12 @@ def random_symmetry(batch: int, generator: torch.Generator, device) -> tuple[tor
     return relabel, index
 
 
-def transform_grids(grids: torch.Tensor, generator: torch.Generator, *cell_masks: torch.Tensor):
-    """Random validity-preserving transforms of grids (B, 81) -> (B, 81), all on the grids' device; any
-    `cell_masks` (B, 81) are moved with their cells. Returns the grids, or (grids, *masks) when masks are given."""
+def transform_grids(grids: torch.Tensor, generator: torch.Generator,
+                    givens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random validity-preserving transforms of grids (B, 81) and their givens (B, 81) bool, which move with
+    their cells; all on the grids' device."""
     relabel, index = random_symmetry(grids.shape[0], generator, grids.device)
-    out = torch.gather(torch.gather(relabel, 1, grids), 1, index)
-    if not cell_masks:
-        return out
-    return (out, *(torch.gather(m, 1, index) for m in cell_masks))
+    return torch.gather(torch.gather(relabel, 1, grids), 1, index), torch.gather(givens, 1, index)
 
 
 def reveal_extra(givens: torch.Tensor, reveal_prob: float, max_fraction: float,
