@@ -17,6 +17,7 @@ The GPU machine needs neither gcc nor qqwing: it loads the .npz.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import shutil
@@ -53,6 +54,7 @@ def build_library(cache_dir: Path | None = None) -> Path:
     return lib
 
 
+@functools.cache  # once per process: not a hash of the source and a dlopen per call
 def _library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build_library()))
     lib.sg_count.argtypes = [ctypes.c_void_p, ctypes.c_int]
