@@ -52,7 +52,6 @@ class Runner:
         self.model_name = model_name
         self.worker_id = worker_id
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.lease_ms = lease_ms
         self.max_attempts = max_attempts
         self.hooks = hooks or RunnerHooks()
 
@@ -164,7 +163,7 @@ class Runner:
             try:
                 entries: list = []
                 if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + max(self.lease_ms / 4000, 0.5)
+                    next_claim = time.monotonic() + max(self.broker.lease_ms / 4000, 0.5)
                     entries = self.broker.reclaim(room, list(self.deliveries.entries()))
                 if not entries:
                     entries = self.broker.read_new(room)
