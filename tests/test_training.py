@@ -324,10 +324,9 @@ def test_training_patches_match_the_reference_model():
     assert "forward" not in vars(ref.model.decoder.norm)
 
 
-def test_diffusion_loss_trains_encoder_and_self_conditioning():
+def test_diffusion_loss_trains_encoder_and_self_conditioning(bank):
     model = _tiny_model().train()
     g = torch.Generator().manual_seed(0)
-    bank = SB.load_bank()
     sampler = D.SudokuSampler(bank.solutions[:8], bank.givens[:8], "cpu", seed=0)
     b = sampler.sample(8)
     out = diffusion_loss(model, b.prompt, b.canvas, g, fixed=b.fixed, sc_prob=0.5)
