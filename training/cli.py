@@ -8,13 +8,25 @@ import sys
 import time
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    """How a run is set up: what training and the throughput measurement share."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=0, help="default: 4096 sudoku / 512 text on CUDA, small on CPU")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--init", default=None,
+                   help="continue from this checkpoint's weights (same architecture; text: and its tokenizer)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the transformer layers (default: on CUDA only)")
+    p.add_argument("--safe", action="store_true",
+                   help="fallback: transformers' own code paths only (no dense experts, fused norm, bf16, fused AdamW)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="checkpoint directory")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _run_options(p)
     p.add_argument("--preset", default="", help="model size preset (default: the task's; 'smoke' with --smoke)")
     p.add_argument("--arch", default="", help="text-config overrides, e.g. hidden_size=128,num_hidden_layers=4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=0, help="default: 4096 sudoku / 512 text on CUDA, small on CPU")
     p.add_argument("--lr", type=float, default=0.0,
                    help="peak learning rate (default: 2e-3 CUDA, 1e-3 with --init or on a CPU)")
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -25,13 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every-steps", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--sc-prob", type=float, default=0.5, help="fraction of examples trained with self-conditioning")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--init", default=None, help="continue from this checkpoint's weights (same architecture)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the transformer layers (default: on CUDA only)")
     p.add_argument("--smoke", action="store_true", help="CI mode: tiny model, a few steps, seconds on a CPU")
-    p.add_argument("--safe", action="store_true",
-                   help="fallback: transformers' own code paths only (no dense experts, fused norm, bf16, fused AdamW)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -71,16 +77,11 @@ def build_parser(prog: str = "python -m training") -> argparse.ArgumentParser:
 
     m = sub.add_parser("throughput", help="examples/s of the training step (warm-up, then timed steps)")
     m.add_argument("--task", choices=["sudoku", "text"], default="sudoku")
-    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _run_options(m)
     m.add_argument("--preset", default="")
-    m.add_argument("--batch-size", type=int, default=0)
     m.add_argument("--canvas-length", type=int, default=0, help="text only (default 64)")
-    m.add_argument("--init", default=None, help="start from this checkpoint (text: and use its tokenizer)")
     m.add_argument("--steps", type=int, default=10)
     m.add_argument("--warmup", type=int, default=2)
-    m.add_argument("--threads", type=int, default=0)
-    m.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    m.add_argument("--safe", action="store_true")
     m.add_argument("--scratch", default="/tmp/dgserve-throughput", help="unused output directory of the run")
     m.add_argument("--out", default=None, help="append the result to this JSON report")
 
