@@ -255,14 +255,14 @@ class ModelRunner:
     def _encode_block(self, slots: list[int], ids: list[list[int]], what: str) -> None:
         n, L = len(slots), self.canvas_length
         padded = to_device([x + [self.pad_id] * (L - len(x)) for x in ids], torch.long, self.device)
-        if self.encode_buckets:
+        if self.encode_buckets:  # the bucket's buffers take the rows (the graph reads them there)
             block = self.encode_buckets[min(b for b in self.encode_buckets if b >= n)]
             path = "graph" if block.graph is not None else "static"
-        else:
-            block = Block.empty(n, L, self.pool.kinds, self.device)
-            path = "eager"
-        block.ids[:n].copy_(padded)
-        block.ids[n:] = self.pad_id
+            block.ids[:n].copy_(padded)
+            block.ids[n:] = self.pad_id
+        else:  # shapes follow the batch: the inputs are the block's
+            block, path = Block.empty(n, L, self.pool.kinds, self.device), "eager"
+            block.ids = padded
         self._fill(block, n, slots, self.pool.spare_slot)
         self._run(block, self.encoder_forward)
         self.forwards[(f"{what}_encode", path)] += 1
@@ -271,14 +271,14 @@ class ModelRunner:
     def decode(self, canvas: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
         """One denoising step of rows 0..n-1 (slot b = row b). canvas (n, L), soft (n, L, H) -> hidden (n, L, H)."""
         n = canvas.shape[0]
-        if self.decode_buckets:
+        if self.decode_buckets:  # the bucket's buffers take the rows (the graph reads them there)
             block = self.decode_buckets[min(b for b in self.decode_buckets if b >= n)]
             path = "graph" if block.graph is not None else "static"
-        else:
-            block = Block.empty(n, self.canvas_length, self.pool.kinds, self.device, (self.hidden_size, self.dtype))
-            path = "eager"
-        block.ids[:n].copy_(canvas)
-        block.soft[:n].copy_(soft)  # type: ignore[index]
+            block.ids[:n].copy_(canvas)
+            block.soft[:n].copy_(soft)  # type: ignore[index]
+        else:  # shapes follow the batch: the inputs are the block's, no copies
+            block, path = Block.empty(n, self.canvas_length, self.pool.kinds, self.device), "eager"
+            block.ids, block.soft = canvas, soft
         # padding rows decode their own canvas in the unowned slots n..bucket-1
         self._fill(block, n, list(range(n)), list(range(n, block.rows)))
         self.forwards[("decoder", path)] += 1
