@@ -33,6 +33,7 @@ from worker.ops.registry import PLAIN  # noqa: E402
 
 pytest.importorskip("triton")
 
+from tests.test_triton_moe import on_device  # noqa: E402  (its DEVICE is ours wherever needs_kernels runs a test)
 from tests.test_triton_norms import assert_matches as _assert_matches  # noqa: E402
 from worker.ops.triton import fp8 as tfp8  # noqa: E402
 from worker.ops.triton import mlp  # noqa: E402
@@ -50,18 +51,6 @@ FP8_OPS = ("linear_fp8", "gate_up_gelu_fp8", "moe_gate_up_fp8", "moe_down_fp8")
 
 def assert_matches(ours: torch.Tensor, ref: torch.Tensor) -> None:
     _assert_matches(ours, ref, exact_share=0.95 if INTERPRET else 0.9)
-
-
-def on_device(fn):
-    """fn run on DEVICE with CPU tensors in and out (the spec runs on the CPU)."""
-    def move(value, device):
-        if isinstance(value, tuple):
-            return tuple(move(v, device) for v in value)
-        return value.to(device) if isinstance(value, torch.Tensor) else value
-
-    def call(*args):
-        return move(fn(*move(args, DEVICE)), "cpu")
-    return call
 
 
 def weights(g: torch.Generator, *shape: int) -> fp8.Fp8Weight:
