@@ -31,9 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.service_runner import service  # noqa: E402
 from protocol.sudoku import is_valid_solution  # noqa: E402
-from training.sudoku_bank import BANK_PATH, bank_keys, load_bank, puzzle_keys  # noqa: E402
-
-DIFFICULTIES = ("simple", "easy", "intermediate", "expert")
+from training.sudoku_bank import BANK_PATH, DIFFICULTIES, bank_keys, load_bank, puzzle_keys  # noqa: E402
 
 
 def qqwing_puzzles(per: int, seed: int) -> tuple[list[dict], str]:

@@ -232,12 +232,12 @@ def test_transform_moves_masks_with_their_cells(bank):
 def test_bundled_qqwing_eval_set():
     ev = D.load_sudoku_eval_set()
     assert len(ev) >= 200
-    assert set(ev.difficulty) == set(D.QQWING_DIFFICULTIES)
+    assert set(ev.difficulty) == set(SB.DIFFICULTIES)
     for p, s in zip(ev.puzzles, ev.solutions, strict=True):
         assert is_valid_solution(p, s)
         assert 17 <= sum(1 for x in p if x) <= 45
     sub = ev.subset(8)
-    assert len(sub) == 8 and set(sub.difficulty) == set(D.QQWING_DIFFICULTIES)
+    assert len(sub) == 8 and set(sub.difficulty) == set(SB.DIFFICULTIES)
 
 
 @pytest.mark.skipif(shutil.which("qqwing") is None, reason="qqwing not installed")

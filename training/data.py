@@ -37,6 +37,7 @@ import torch
 
 from protocol.sudoku import is_valid_solution
 from training.checkpoints import BOS_ID, EOS_ID, EOT_ID, PAD_ID, char_tokenizer
+from training.sudoku_bank import BANK_PATH, DIFFICULTIES, load_bank
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SUDOKU_EVAL_PATH = DATA_DIR / "sudoku_eval.csv"
@@ -164,8 +165,6 @@ class SudokuSampler:
 
     @classmethod
     def from_bank(cls, device, seed: int, path=None, **kwargs) -> SudokuSampler:
-        from training.sudoku_bank import BANK_PATH, load_bank
-
         bank = load_bank(path or BANK_PATH)
         return cls(bank.solutions, bank.givens, device, seed, **kwargs)
 
@@ -193,9 +192,6 @@ def batch_from_puzzles(puzzles: Sequence[Sequence[int]], solutions: Sequence[Seq
 
 # ---------------------------------------------------------------------------------------------- qqwing
 
-QQWING_DIFFICULTIES = ("simple", "easy", "intermediate", "expert")
-
-
 def qqwing_puzzles(n: int, difficulty: str = "simple", qqwing: str = "qqwing") -> list[tuple[str, str]]:
     """`n` (puzzle, solution) strings from Debian's qqwing ('.' = blank). Not seedable: qqwing draws its own."""
     exe = shutil.which(qqwing)
@@ -212,7 +208,7 @@ def qqwing_puzzles(n: int, difficulty: str = "simple", qqwing: str = "qqwing") -
 
 
 def write_sudoku_eval_set(path: str | Path, per_difficulty: int = 64,
-                          difficulties: Iterable[str] = QQWING_DIFFICULTIES) -> Path:
+                          difficulties: Iterable[str] = DIFFICULTIES) -> Path:
     """CSV `difficulty,puzzle,solution` of qqwing puzzles (unique solutions), checked for validity."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
