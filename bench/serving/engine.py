@@ -16,8 +16,8 @@ import threading
 import time
 
 from bench.serving.clients import progress_printer
-from bench.serving.procstat import run_info, schedstat, thread_time_split
-from bench.serving.report import pct
+from bench.serving.procstat import run_info, schedstat
+from bench.serving.report import engine_steps, pct
 from bench.serving.workload import Record, Req, engine_params
 from protocol import contract
 
@@ -217,16 +217,9 @@ class EngineMode:
         return out
 
     def _engine_summary(self, wall_s: float) -> dict:
-        busy_s = sum(self.step_ms) / 1e3
-        out = {"steps": len(self.step_ms), "mean_rows": round(statistics.fmean(self.rows), 2),
-               "step_time_ms_mean": round(statistics.fmean(self.step_ms), 3),
-               "step_time_ms_p50": round(pct(self.step_ms, 0.5), 3), "engine_busy_s": round(busy_s, 3),
-               "engine_busy_share_of_wall": round(busy_s / wall_s, 3),
-               "engine_thread_cpu_s": round(self.thread_cpu_s, 3),
-               "engine_thread_on_cpu_share_of_busy": round(self.thread_cpu_s / busy_s, 3)}
-        if self.sched[1]:
-            out["engine_thread_schedstat"] = thread_time_split(*self.sched)
-        return out
+        out = engine_steps(len(self.step_ms), statistics.fmean(self.rows), sum(self.step_ms) / 1e3, wall_s,
+                           self.thread_cpu_s, self.sched if self.sched[1] else None)
+        return out | {"step_time_ms_p50": round(pct(self.step_ms, 0.5), 3)}
 
     def close(self) -> None:
         pass

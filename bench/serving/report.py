@@ -7,8 +7,10 @@ import json
 import math
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
+from bench.serving.procstat import thread_time_split
 from bench.serving.workload import Record
 
 METRICS = ("queued_s", "first_step_s", "step_interval_s", "first_canvas_s", "e2e_s")
@@ -57,6 +59,20 @@ def summarize(name: str, records: list[Record], runs: list[tuple[float, int]], e
         "finish_reasons": dict(Counter(r.finish_reason for r in ok)),
         **(extra or {}),
     }
+
+
+def engine_steps(steps: int, mean_rows: float, busy_s: float, wall_s: float, thread_cpu_s: float | None = None,
+                 sched: Sequence[float] | None = None) -> dict:
+    """A mode's engine loop, the same figures for both (`analyse` compares them): its steps, their rows and time, how
+    busy it kept the run, and its thread's CPU seconds (`sched`: wall, on a CPU, waiting for a core)."""
+    out = {"steps": steps, "mean_rows": round(mean_rows, 2), "step_time_ms_mean": round(busy_s / steps * 1e3, 3),
+           "engine_busy_s": round(busy_s, 3), "engine_busy_share_of_wall": round(busy_s / wall_s, 3)}
+    if thread_cpu_s is not None:
+        out["engine_thread_cpu_s"] = round(thread_cpu_s, 3)
+        out["engine_thread_on_cpu_share_of_busy"] = round(thread_cpu_s / busy_s, 3)
+    if sched is not None:
+        out["engine_thread_schedstat"] = thread_time_split(*sched)
+    return out
 
 
 def same_tokens(records: dict[str, list[Record]]) -> dict:

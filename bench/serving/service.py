@@ -12,7 +12,8 @@ from collections import Counter
 from pathlib import Path
 
 from bench.serving.clients import run_clients
-from bench.serving.procstat import CpuWatch, metric, run_info, scrape, thread_name, thread_time_split
+from bench.serving.procstat import CpuWatch, metric, run_info, scrape, thread_name
+from bench.serving.report import engine_steps
 from bench.serving.workload import Record, Req
 from protocol import contract
 
@@ -123,17 +124,11 @@ class ServiceMode:
                 "others, busiest first (torch threads, publisher, fetcher, ...)": [list(x) for x in others[:8]]}
         n = self.worker["time_per_denoising_step_seconds_count"]
         if n:
-            busy = self.worker["time_per_denoising_step_seconds_sum"]
-            out["worker"] = {"steps": int(n), "mean_rows": round(self.worker["batch_size_sum"] / n, 2),
-                             "step_time_ms_mean": round(busy / n * 1e3, 3), "engine_busy_s": round(busy, 3),
-                             "engine_busy_share_of_wall": round(busy / wall_s, 3)}
-            if self.threads:
-                main_cpu = self.threads.get(self.svc.workers[0].proc.pid, 0.0)  # type: ignore[union-attr]
-                out["worker"]["engine_thread_cpu_s"] = round(main_cpu, 3)
-                out["worker"]["engine_thread_on_cpu_share_of_busy"] = round(main_cpu / busy, 3)
-            if sched.get("_engine_thread_run"):
-                out["worker"]["engine_thread_schedstat"] = thread_time_split(
-                    self.watched_s, sched["_engine_thread_run"], sched["_engine_thread_runq"])
+            busy, run = self.worker["time_per_denoising_step_seconds_sum"], sched.get("_engine_thread_run")
+            main_cpu = (self.threads.get(self.svc.workers[0].proc.pid, 0.0)  # type: ignore[union-attr]
+                        if self.threads else None)
+            out["worker"] = engine_steps(int(n), self.worker["batch_size_sum"] / n, busy, wall_s, main_cpu,
+                                         (self.watched_s, run, sched["_engine_thread_runq"]) if run else None)
         if self.svc and self.args.breakdown:
             sample = next((r for r in records if r.error is None), None)
             width = sample.completion_tokens // max(sample.canvases, 1) if sample else 32
