@@ -40,10 +40,6 @@ GATE_UP_SMALL = mlp.Blocks(64, 64, SCALE_BLOCK, 8, 3)
 GATE_UP_LARGE = mlp.Blocks(64, 64, SCALE_BLOCK, 8, 4)
 
 
-def _small(n_rows: int) -> bool:
-    return n_rows <= 1024
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, name: str) -> None:
     if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
         raise ValueError(f"{name} takes float8_e4m3fn weights with float32 scales, not {weight.dtype} and "
@@ -96,7 +92,7 @@ def linear_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
 
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """x (N, K); weight (Nout, K) float8_e4m3fn, weight_scale (ceil(Nout/128), ceil(K/128)) -> (N, Nout)."""
-    return linear_launch(x, weight, weight_scale, LINEAR_SMALL if _small(x.shape[0]) else LINEAR_LARGE)
+    return linear_launch(x, weight, weight_scale, mlp.blocks_for(x.shape[0], LINEAR_SMALL, LINEAR_LARGE))
 
 
 def gate_up_gelu_fp8(x: torch.Tensor, w_gate: torch.Tensor, w_gate_scale: torch.Tensor, w_up: torch.Tensor,
@@ -104,7 +100,7 @@ def gate_up_gelu_fp8(x: torch.Tensor, w_gate: torch.Tensor, w_gate_scale: torch.
     """x (N, H); w_gate, w_up (I, H) float8 with their block scales -> gelu_tanh(x w_gate^T) * (x w_up^T) (N, I)."""
     _check(x, w_gate, w_gate_scale, "gate_up_gelu_fp8")
     _check(x, w_up, w_up_scale, "gate_up_gelu_fp8")
-    blocks = GATE_UP_SMALL if _small(x.shape[0]) else GATE_UP_LARGE
+    blocks = mlp.blocks_for(x.shape[0], GATE_UP_SMALL, GATE_UP_LARGE)
     return mlp.launch(x, w_gate, w_up, blocks, (w_gate_scale, w_up_scale))
 
 

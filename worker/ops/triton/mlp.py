@@ -48,8 +48,10 @@ LARGE = Blocks(128, 64, 64, 8, 4)
 GROUP_M = 8
 
 
-def blocks_for(n_rows: int) -> Blocks:
-    return SMALL if n_rows <= 1024 else LARGE
+def blocks_for(n_rows: int, small: Blocks = SMALL, large: Blocks = LARGE) -> Blocks:
+    """The shape class of n_rows tokens: small up to 4 canvas rows (N <= 1024), large beyond (fp8.py passes the
+    fp8 GEMMs' blocks)."""
+    return small if n_rows <= 1024 else large
 
 
 @triton.jit
