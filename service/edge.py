@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from protocol.api import FieldError
 from service.metrics import GatewayMetrics
 from service.strictjson import INT_MAX, INT_MIN, printable
 
@@ -113,6 +114,12 @@ class InternalErrors:
             log.exception("unhandled error on %s", scope.get("path"))
             if not started:  # else the answer is half sent: the server closes the connection
                 await self.respond(scope)(scope, receive, send)
+
+
+def field_errors(errors: Sequence[Any]) -> list[FieldError]:
+    """pydantic's errors as {field, message}: the field's dotted path in the body (None: the body as a whole)."""
+    return [FieldError(field=".".join(printable(p) for p in e["loc"] if p != "body") or None,
+                       message=printable(e["msg"])) for e in errors]
 
 
 def safe_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:

@@ -29,10 +29,11 @@ from protocol import contract
 from protocol.api import GenerateRequest
 from service.broker import Overloaded
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
+from service.edge import field_errors
 from service.follow import ERROR_STATUS, Follower
 from service.jobs import attempt_seed, build_job
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
-from service.strictjson import StrictRoute, printable
+from service.strictjson import StrictRoute
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[ApiKey], route_class=StrictRoute)
 
@@ -54,10 +55,9 @@ class OpenAIError(Exception):
 
 
 def error_from_validation(errors: list[dict]) -> OpenAIError:
-    first = errors[0]
-    loc = [printable(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return OpenAIError(400, f"{param + ': ' if param else ''}{printable(first['msg'])}", param=param,
+    """OpenAI's error for the first of pydantic's errors, `param` the field it names."""
+    [first] = field_errors(errors[:1])
+    return OpenAIError(400, f"{first.field}: {first.message}" if first.field else first.message, param=first.field,
                        code="invalid_value")
 
 

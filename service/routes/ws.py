@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -33,6 +33,7 @@ from protocol import contract
 from protocol.api import FieldError, MessageError, WsCancel, WsGenerate, WsResume, WsSudoku
 from service.broker import REDIS_DOWN, Overloaded
 from service.deps import Gateway, GatewayDep, key_is_valid, same_origin_or_allowed, websocket_key
+from service.edge import field_errors
 from service.follow import Follower
 from service.identity import ANONYMOUS, tenant_of
 from service.jobs import build_job
@@ -45,13 +46,6 @@ router = APIRouter()
 
 async def _never() -> bool:
     return False
-
-
-def field_errors(errors: Sequence[Any]) -> list[FieldError]:
-    """pydantic's errors as {field, message}: the field's dotted path in the message (None: the message as a
-    whole)."""
-    return [FieldError(field=".".join(printable(p) for p in e["loc"] if p != "body") or None,
-                       message=printable(e["msg"])) for e in errors]
 
 
 def ref_of(data: dict) -> str | None:
