@@ -357,15 +357,15 @@ def test_one_decoder_pass_on_fp8_weights_agrees_with_bf16(models):
 
 
 def test_the_engine_decodes_fp8_weights(models):
+    from protocol.contract import default_sampling
     from worker.engine import Engine, EngineConfig
-    from worker.types import DoneEvent, EngineRequest, SamplingParams
+    from worker.types import DoneEvent, EngineRequest
 
     model = models["fp8"]
     engine = Engine(model, EngineConfig(max_batch=2, max_context=256, sampler="fast"))
     done = {rid: e.token_ids for rid, e in engine.complete(
-        EngineRequest(f"r{i}", [2, 40 + i, 300, 500 + 7 * i, 900], SamplingParams(
-            max_new_tokens=128, max_denoising_steps=12, entropy_bound=0.1, t_min=0.4, t_max=0.8,
-            stability_threshold=1, confidence_threshold=0.005, seed=100 + i, eos_token_ids=()))
+        EngineRequest(f"r{i}", [2, 40 + i, 300, 500 + 7 * i, 900],
+                      default_sampling({}, seed=100 + i, max_new_tokens=128, max_denoising_steps=12))
         for i in range(2)).items() if isinstance(e, DoneEvent)}
     assert sorted(done) == ["r0", "r1"] and all(len(t) == 128 for t in done.values())  # two canvases each
     assert all(len(set(t)) > 10 for t in done.values())  # text, not one token repeated
@@ -375,8 +375,9 @@ def test_the_realscale_builder_quantizes_fp8_one_layer_at_a_time():
     """bench/engine.py --realscale --quantization fp8 (the GPU run's builder) on a tiny copy of the architecture: the
     encoder layers get the decoder layers' float8 weights and their scales."""
     from bench.engine import build_realscale
+    from protocol.contract import default_sampling
     from worker.engine import Engine, EngineConfig
-    from worker.types import DoneEvent, EngineRequest, SamplingParams
+    from worker.types import DoneEvent, EngineRequest
 
     model, _ = build_realscale("tiny", torch.device("cpu"), "fp8")
     for d, e in zip(model.model.decoder.layers, model.model.encoder.language_model.layers, strict=True):
@@ -385,7 +386,6 @@ def test_the_realscale_builder_quantizes_fp8_one_layer_at_a_time():
             assert isinstance(ew, fp8.Fp8Weight) and ew.weight is dw.weight and ew.scale is dw.scale
         assert isinstance(fp8.weight_of(e.self_attn.o_proj), fp8.Fp8Weight)
     engine = Engine(model, EngineConfig(max_batch=1, max_context=512, sampler="fast"))
-    done = [e for e in engine.complete([EngineRequest("q", [2, 10, 20, 30], SamplingParams(
-        max_new_tokens=256, max_denoising_steps=2, entropy_bound=0.1, t_min=0.4, t_max=0.8, stability_threshold=1,
-        confidence_threshold=0.005, seed=0))]).values() if isinstance(e, DoneEvent)]
+    done = [e for e in engine.complete([EngineRequest("q", [2, 10, 20, 30], default_sampling(
+        {}, seed=0, max_denoising_steps=2))]).values() if isinstance(e, DoneEvent)]
     assert len(done) == 1 and len(done[0].token_ids) == 256
