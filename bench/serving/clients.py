@@ -47,19 +47,14 @@ async def _client(ws_url: str, reqs: list[Req], model: str | None, start: asynci
                         if ev.get("ref") != r.ref:
                             rec.error = f"ref_mismatch: {ev.get('ref')!r}"
                     elif kind == "done":
-                        rec.e2e_s = now
-                        rec.token_ids = ev["token_ids"]
-                        rec.completion_tokens = ev["usage"]["completion_tokens"]
-                        rec.steps_expected = ev["usage"]["denoising_steps"]
-                        rec.finish_reason = ev["finish_reason"]
+                        rec.on_done(now, ev["token_ids"], ev["usage"]["completion_tokens"],
+                                    ev["usage"]["denoising_steps"], ev["finish_reason"])
                         break
                     elif kind == "error":
-                        rec.e2e_s = now
-                        rec.error = f"{ev.get('code')}: {ev.get('message')}"[:300]
+                        rec.on_error(now, ev.get("code"), ev.get("message"))
                         break
                     elif kind == "restarted":
-                        rec.step_times_s.clear()
-                        rec._last, rec.canvases, rec.first_step_s, rec.first_canvas_s = (0, 0), 0, None, None
+                        rec.on_restarted()
             except TimeoutError:
                 rec.error = f"client_timeout: no event for {timeout}s"
                 break

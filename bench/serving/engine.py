@@ -191,10 +191,9 @@ class EngineMode:
         elif isinstance(ev, CanvasEvent):
             rec.on_canvas(t)
         elif isinstance(ev, DoneEvent):
-            rec.e2e_s, rec.token_ids, rec.completion_tokens = t, list(ev.token_ids), len(ev.token_ids)
-            rec.steps_expected, rec.finish_reason = ev.denoising_steps, ev.finish_reason
+            rec.on_done(t, ev.token_ids, len(ev.token_ids), ev.denoising_steps, ev.finish_reason)
         elif isinstance(ev, ErrorEvent):
-            rec.e2e_s, rec.error = t, f"{ev.code}: {ev.message}"[:300]
+            rec.on_error(t, ev.code, ev.message)
         return isinstance(ev, DoneEvent | ErrorEvent)
 
     def extra(self, wall_s: float, records: list[Record]) -> dict:

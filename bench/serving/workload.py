@@ -66,6 +66,18 @@ class Record:
         if self.first_canvas_s is None:
             self.first_canvas_s = t
 
+    def on_done(self, t: float, token_ids: list[int], completion_tokens: int, steps: int, finish_reason: str) -> None:
+        self.e2e_s, self.token_ids, self.completion_tokens = t, list(token_ids), completion_tokens
+        self.steps_expected, self.finish_reason = steps, finish_reason
+
+    def on_error(self, t: float, code: str | None, message: str | None) -> None:
+        self.e2e_s, self.error = t, f"{code}: {message}"[:300]
+
+    def on_restarted(self) -> None:
+        """Another attempt (its worker died): its steps and canvases count from the start again."""
+        self.step_times_s.clear()
+        self._last, self.canvases, self.first_step_s, self.first_canvas_s = (0, 0), 0, None, None
+
     @property
     def step_gaps_s(self) -> list[float]:
         s = self.step_times_s
