@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.serving.engine import EngineMode  # noqa: E402
 from bench.serving.report import (  # noqa: E402
+    DIAGNOSTIC,
     analyse,
     plot,
     print_final,
@@ -59,7 +60,6 @@ from worker.device import device_name  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 MODEL_NAME = "bench"
-DIAGNOSTIC = "engine+publisher"  # the engine with the worker's publisher beside it (--diagnose)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

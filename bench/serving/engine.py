@@ -17,7 +17,7 @@ import time
 
 from bench.serving.clients import progress_printer
 from bench.serving.procstat import run_info, schedstat
-from bench.serving.report import engine_steps, pct
+from bench.serving.report import DIAGNOSTIC, engine_steps, pct
 from bench.serving.workload import Record, Req, engine_params
 from protocol import contract
 
@@ -77,7 +77,7 @@ class EngineMode:
 
     def __init__(self, args, served, checkpoint: str, base: EngineMode | None = None, redis_url: str | None = None):
         self.args, self.served, self.redis_url = args, served, redis_url
-        self.name = "engine+publisher" if redis_url else "engine"
+        self.name = DIAGNOSTIC if redis_url else "engine"
         if base is not None:  # share the loaded model and engine
             self.engine, self.tokenizer = base.engine, base.tokenizer
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 from bench.serving.procstat import thread_time_split
 from bench.serving.workload import Record
 
+DIAGNOSTIC = "engine+publisher"  # the engine mode with the worker's publisher beside it (bench/serve.py --diagnose)
 METRICS = ("queued_s", "first_step_s", "step_interval_s", "first_canvas_s", "e2e_s")
 
 
@@ -143,16 +144,17 @@ def analyse(out: dict) -> list[str]:
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in cpu["cpu_s"].items())
         notes.append(f"CPU while the service ran ({cpu['wall_s']}s wall, {cpu['cores']} cores): {parts}; "
                      f"{cpu['utilisation_of_all_cores'] * 100:.0f}% of all cores busy")
-    diag = out["modes"].get("engine+publisher", {}).get("engine")
+    with_publisher = out["modes"].get(DIAGNOSTIC, {})
+    diag = with_publisher.get("engine")
     if diag and e:
-        notes.append(f"the worker's publisher thread alone (engine+publisher, same process, no gateway/clients): "
+        notes.append(f"the worker's publisher thread alone ({DIAGNOSTIC}, same process, no gateway/clients): "
                      f"{diag['step_time_ms_mean']} ms per step vs {e['step_time_ms_mean']} ms bare "
                      f"({diag['step_time_ms_mean'] / e['step_time_ms_mean']:.2f}x), tok/s "
-                     f"{out['modes']['engine+publisher']['tok_s']} vs {eng['tok_s']} "
-                     f"({out['modes']['engine+publisher']['tok_s'] / eng['tok_s']:.2f}x); its engine thread on a CPU "
+                     f"{with_publisher['tok_s']} vs {eng['tok_s']} "
+                     f"({with_publisher['tok_s'] / eng['tok_s']:.2f}x); its engine thread on a CPU "
                      f"{diag['engine_thread_on_cpu_share_of_busy'] * 100:.0f}% of its step time")
     pc, rc = eng.get("python_costs"), svc.get("redis_costs")
-    pub = out["modes"].get("engine+publisher", {}).get("publisher")
+    pub = with_publisher.get("publisher")
     if pc and rc and e:
         b = pc["rows_per_step"]
         gw = b * (pc["gateway_decode_and_reencode_us"] / 1e3 + rc["gateway_xread_ms_per_call"])
@@ -180,7 +182,7 @@ def plot(out: dict, records: dict[str, list[Record]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"service": "#2a7", "engine": "#666", "engine+publisher": "#d93"}
+    colors = {"service": "#2a7", "engine": "#666", DIAGNOSTIC: "#d93"}
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
 
     def cdf(ax, key: str, title: str) -> None:
