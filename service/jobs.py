@@ -120,3 +120,16 @@ def build_job(gateway: Gateway, body: GenerateRequest, stop: list[str] | None = 
         deadline=created + settings.request_timeout_s, max_steps=settings.max_request_steps,
         max_running_s=settings.max_running_s,
     )
+
+
+def build_samples(gateway: Gateway, body: GenerateRequest, n: int, stop: list[str] | None = None
+                  ) -> list[contract.Job]:
+    """`n` samples of one request (n > 1, Sudoku attempts): tokenized and checked once, each its own request
+    with the seed `attempt_seed(body.seed, i)` (a random one each when the body has none)."""
+    first = build_job(gateway, body, stop)
+    jobs = [first]
+    for i in range(1, n):
+        seed = secrets.randbits(63) if body.seed is None else attempt_seed(body.seed, i)
+        jobs.append(first.model_copy(update={"request_id": uuid.uuid4().hex,
+                                             "sampling": first.sampling.model_copy(update={"seed": seed})}))
+    return jobs

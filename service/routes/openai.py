@@ -31,7 +31,7 @@ from service.broker import Overloaded
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.edge import field_errors
 from service.follow import ERROR_STATUS, Follower
-from service.jobs import attempt_seed, build_job
+from service.jobs import build_samples
 from service.openai_schemas import UNSUPPORTED, ChatRequest, CompletionRequest
 from service.strictjson import StrictRoute
 
@@ -79,19 +79,14 @@ def _jobs(gateway: Gateway, body, prompt: str | None, messages: list[dict] | Non
     if gateway.registry.get(body.model) is None:
         raise OpenAIError(404, f"The model `{body.model}` does not exist; served: {sorted(gateway.registry.models)}",
                           param="model", code="model_not_found")
-    base = body.diffusion_params()
-    jobs = []
-    for i in range(body.n):
-        params = {**base, "seed": attempt_seed(base["seed"], i)} if "seed" in base else base
-        try:
-            generate = GenerateRequest(prompt=prompt, messages=messages, model=body.model, max_new_tokens=max_tokens,
-                                       **params)
-            jobs.append(build_job(gateway, generate, stop=body.stop))
-        except ValidationError as exc:
-            raise error_from_validation(exc.errors()) from None
-        except RequestValidationError as exc:
-            raise error_from_validation(list(exc.errors())) from None
-    return jobs
+    try:
+        generate = GenerateRequest(prompt=prompt, messages=messages, model=body.model, max_new_tokens=max_tokens,
+                                   **body.diffusion_params())
+        return build_samples(gateway, generate, body.n, stop=body.stop)
+    except ValidationError as exc:
+        raise error_from_validation(exc.errors()) from None
+    except RequestValidationError as exc:
+        raise error_from_validation(list(exc.errors())) from None
 
 
 async def _submit(follower: Follower, jobs: list[contract.Job]) -> list[str]:

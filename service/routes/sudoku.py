@@ -17,21 +17,17 @@ from protocol import contract
 from protocol.api import DiffusionFields, GenerateRequest, SudokuRequest, SudokuResponse
 from service.deps import ApiKey, Caller, Gateway, GatewayDep
 from service.follow import Disconnected, Follower, error_response
-from service.jobs import attempt_seed, build_job
+from service.jobs import build_samples
 from service.strictjson import StrictRoute
 
 router = APIRouter(tags=["sudoku"], dependencies=[ApiKey], route_class=StrictRoute)
 
 
 def sudoku_jobs(gateway: Gateway, body: SudokuRequest) -> list[contract.Job]:
-    jobs = []
-    for i in range(body.attempts):
-        seed = None if body.seed is None else attempt_seed(body.seed, i)
-        diffusion = body.model_dump(include=set(DiffusionFields.model_fields))
-        generate = GenerateRequest(prompt=body.puzzle, model=body.model, template=body.puzzle, template_hole="0",
-                                   max_new_tokens=81, seed=seed, **diffusion)
-        jobs.append(build_job(gateway, generate))
-    return jobs
+    diffusion = body.model_dump(include=set(DiffusionFields.model_fields))
+    generate = GenerateRequest(prompt=body.puzzle, model=body.model, template=body.puzzle, template_hole="0",
+                               max_new_tokens=81, seed=body.seed, **diffusion)
+    return build_samples(gateway, generate, body.attempts)
 
 
 async def solve(follower: Follower, body: SudokuRequest, rids: list[str], disconnected: Disconnected
